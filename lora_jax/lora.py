@@ -1,0 +1,439 @@
+"""LoRA as a transformation of the parameter pytree.
+
+A targeted weight leaf ``W`` of shape ``(*in_shape, *out_shape)`` becomes a
+:class:`LoraWeight` node holding the frozen base ``W0`` and trainable factors
+``lora_a`` (``d_in x r``) and ``lora_b`` (``r x d_out``), ``d_in = prod(in_shape)``,
+with a static scale ``s`` (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
+
+The node behaves like the weight it replaces in model code: ``x @ node`` computes
+``x @ W0 + s * ((x @ A) @ B)`` without forming ``W0 + s * A @ B`` (jax arrays
+defer ``@`` to the node's ``__rmatmul__``), ``node[ids]`` looks rows up in an
+embedding table, ``node.T`` is the transposed weight (tied output heads), and
+:func:`contract` handles kernels with several input or output axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import paths as _paths
+
+PyTree = Any
+InitFn = Callable[[jax.Array, Any, int], tuple[jax.Array, jax.Array]]
+
+FACTOR_NAMES = ("lora_a", "lora_b")
+
+
+def is_factor_path(path: str) -> bool:
+    """True for the path of a LoRA factor (``.../lora_a`` or ``.../lora_b``)."""
+    return path.rsplit("/", 1)[-1] in FACTOR_NAMES
+
+
+def dense(w: Any) -> jax.Array:
+    """Return ``w`` as a plain array, dequantizing a quantized leaf."""
+    deq = getattr(w, "dequantize", None)
+    return deq() if callable(deq) else jnp.asarray(w)
+
+
+def is_node(x: Any) -> bool:
+    """True for a LoRA node or a quantized leaf (pytree nodes standing for one weight)."""
+    return isinstance(x, LoraWeight) or callable(getattr(x, "dequantize", None))
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraWeight:
+    """A frozen weight with a low-rank trainable update.
+
+    Attributes:
+      base: the frozen weight ``W0`` (an array or a quantized leaf) of shape
+        ``(*in_shape, *out_shape)``.
+      lora_a: ``(d_in, r)``, ``d_in = prod(in_shape)``.
+      lora_b: ``(r, d_out)``, ``d_out = prod(out_shape)``; zero at init.
+      scale: static ``alpha / r`` (or ``alpha / sqrt(r)``).
+      in_ndim: static number of leading axes of ``base`` that are contracted.
+      dropout: static dropout rate on the adapter input.
+      dropout_key: PRNG key for the adapter dropout; ``None`` means no dropout
+        (evaluation). The train step sets it with :func:`with_dropout_keys`.
+    """
+
+    base: Any
+    lora_a: Any
+    lora_b: Any
+    scale: float = 1.0
+    in_ndim: int = 1
+    dropout: float = 0.0
+    dropout_key: Any = None
+
+    # -- pytree protocol --------------------------------------------------
+    def tree_flatten_with_keys(self):
+        k = jax.tree_util.GetAttrKey
+        children = (
+            (k("base"), self.base),
+            (k("lora_a"), self.lora_a),
+            (k("lora_b"), self.lora_b),
+            (k("dropout_key"), self.dropout_key),
+        )
+        return children, (self.scale, self.in_ndim, self.dropout)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        for name, value in zip(("base", "lora_a", "lora_b", "dropout_key"), children):
+            object.__setattr__(obj, name, value)
+        for name, value in zip(("scale", "in_ndim", "dropout"), aux):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    # -- array-like surface --------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[-1])
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return self.shape[: self.in_ndim]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape[self.in_ndim :]
+
+    def _adapter_input(self, x):
+        if self.dropout > 0.0 and self.dropout_key is not None:
+            keep = 1.0 - self.dropout
+            mask = jax.random.bernoulli(self.dropout_key, keep, x.shape)
+            return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+        return x
+
+    def delta(self, x_flat: jax.Array) -> jax.Array:
+        """``s * (dropout(x) @ A) @ B`` for ``x_flat`` of shape ``(..., d_in)``."""
+        a = self.lora_a.astype(x_flat.dtype)
+        b = self.lora_b.astype(x_flat.dtype)
+        return ((self._adapter_input(x_flat) @ a) @ b) * jnp.asarray(self.scale, x_flat.dtype)
+
+    def __rmatmul__(self, x):
+        if self.ndim != 2:
+            raise TypeError(
+                f"x @ w needs a 2-D weight; this LoRA weight has shape {self.shape}. "
+                "Use lora_jax.lora.contract(x, w) for kernels with several input/output axes."
+            )
+        return (x @ self.base) + self.delta(x)
+
+    def __getitem__(self, idx):
+        """Rows of an embedding table: ``W0[idx] + s * A[idx] @ B`` (no dropout)."""
+        if self.ndim != 2:
+            raise TypeError(f"row lookup needs a 2-D table; this one has shape {self.shape}")
+        rows = self.base[idx]
+        a = self.lora_a.astype(rows.dtype)[idx]
+        return rows + (a @ self.lora_b.astype(rows.dtype)) * jnp.asarray(self.scale, rows.dtype)
+
+    @property
+    def T(self) -> LoraWeight:
+        """The transposed weight: ``(W0 + s A B)^T = W0^T + s B^T A^T``."""
+        if self.ndim != 2:
+            raise TypeError(f".T needs a 2-D weight; this one has shape {self.shape}")
+        return dataclasses.replace(self, base=self.base.T, lora_a=self.lora_b.T, lora_b=self.lora_a.T)
+
+    def delta_weight(self) -> jax.Array:
+        """The dense update ``s * A @ B`` in the shape of the base (materializes it)."""
+        d = (self.lora_a @ self.lora_b) * self.scale
+        return d.reshape(self.shape).astype(self.lora_a.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"LoraWeight(shape={self.shape}, rank={self.rank}, scale={self.scale:g}, "
+            f"in_ndim={self.in_ndim}, dropout={self.dropout:g}, base={type(self.base).__name__})"
+        )
+
+
+def contract(x: jax.Array, w: Any) -> jax.Array:
+    """Contract the trailing axes of ``x`` with the leading input axes of ``w``.
+
+    For a plain kernel ``w`` of shape ``(*in_shape, *out_shape)`` and a LoRA weight
+    alike; ``in_ndim`` is ``w.in_ndim`` for a LoRA weight and 1 otherwise.
+    ``x`` has shape ``(..., *in_shape)``; the result ``(..., *out_shape)``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> contract(jnp.ones((2, 3)), jnp.ones((3, 4, 5))).shape
+      (2, 4, 5)
+    """
+    if not isinstance(w, LoraWeight):
+        w = dense(w)
+        return jnp.tensordot(x, w, axes=1)
+    n = w.in_ndim
+    if tuple(x.shape[x.ndim - n :]) != w.in_shape:
+        raise ValueError(
+            f"input trailing shape {tuple(x.shape[x.ndim - n:])} does not match the "
+            f"LoRA weight's input shape {w.in_shape} (weight shape {w.shape}, in_ndim={n})"
+        )
+    base = dense(w.base)
+    y = jnp.tensordot(x, base.astype(x.dtype) if base.dtype != x.dtype else base, axes=n)
+    lead = x.shape[: x.ndim - n]
+    x_flat = x.reshape(*lead, -1)
+    return y + w.delta(x_flat).reshape(*lead, *w.out_shape)
+
+
+# ----------------------------------------------------------------------------
+# Rules and init
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraRule:
+    """Which leaves become LoRA weights, and how.
+
+    Attributes:
+      pattern: regex matched with ``re.fullmatch`` against the leaf path.
+      rank: the rank ``r`` (>= 1, <= min(d_in, d_out)).
+      alpha: scaling numerator; ``None`` means ``alpha = rank`` (scale 1).
+      dropout: dropout rate on the adapter input during training, in [0, 1).
+      init: ``"kaiming"`` (PEFT's default: A ~ U(+-1/sqrt(d_in))), ``"gaussian"``
+        (A ~ N(0, 1/r^2), as PEFT's ``init_lora_weights="gaussian"``), or a function
+        ``(key, w, rank) -> (A, B)`` that sees the base weight (for LoftQ-style
+        inits that account for quantization error).
+      rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+      in_dims: how many leading kernel axes are inputs (``DenseGeneral`` kernels
+        ``(heads, head_dim, d_model)`` that contract two axes use 2).
+    """
+
+    pattern: str
+    rank: int
+    alpha: float | None = None
+    dropout: float = 0.0
+    init: str | InitFn = "kaiming"
+    rslora: bool = False
+    in_dims: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoraRule({self.pattern!r}): rank must be a positive int, got {self.rank!r}")
+        if self.alpha is not None and not (self.alpha > 0):
+            raise ValueError(f"LoraRule({self.pattern!r}): alpha must be > 0, got {self.alpha!r}")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ValueError(f"LoraRule({self.pattern!r}): dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.init, str) and self.init not in ("kaiming", "gaussian"):
+            raise ValueError(
+                f"LoraRule({self.pattern!r}): init must be 'kaiming', 'gaussian' or a function, "
+                f"got {self.init!r}"
+            )
+        if not isinstance(self.in_dims, int) or self.in_dims < 1:
+            raise ValueError(f"LoraRule({self.pattern!r}): in_dims must be an int >= 1, got {self.in_dims!r}")
+
+    @property
+    def scale(self) -> float:
+        alpha = float(self.rank if self.alpha is None else self.alpha)
+        return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @classmethod
+    def all_linear(
+        cls, rank: int, *, exclude: Sequence[str] = ("lm_head", "embed"), **kwargs
+    ) -> LoraRule:
+        """A rule for every leaf whose path ends in ``kernel`` (PEFT's ``all-linear``).
+
+        Paths containing any of ``exclude`` (output head, embeddings) are left out.
+
+        Examples:
+          >>> LoraRule.all_linear(8).pattern
+          '(?!.*(?:lm_head|embed)).*kernel'
+        """
+        neg = "|".join(exclude)
+        pattern = f"(?!.*(?:{neg})).*kernel" if exclude else ".*kernel"
+        return cls(pattern=pattern, rank=rank, **kwargs)
+
+
+def _init_factors(key, w, rule: LoraRule, d_in: int, d_out: int, dtype):
+    r = rule.rank
+    if callable(rule.init):
+        a, b = rule.init(key, w, r)
+        if tuple(a.shape) != (d_in, r) or tuple(b.shape) != (r, d_out):
+            raise ValueError(
+                f"init function of {rule!r} returned A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                f"expected A {(d_in, r)}, B {(r, d_out)}"
+            )
+        return jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    if rule.init == "kaiming":
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(key, (d_in, r), dtype, -bound, bound)
+    else:
+        a = jax.random.normal(key, (d_in, r), dtype) / r
+    return a, jnp.zeros((r, d_out), dtype)
+
+
+def init(key: jax.Array, params: PyTree, rules: Sequence[LoraRule]) -> PyTree:
+    """Replace every leaf matched by ``rules`` with a :class:`LoraWeight`.
+
+    Args:
+      key: PRNG key; each adapted leaf gets ``fold_in(key, i)`` (i = leaf index).
+      params: the parameter pytree (arrays or quantized leaves).
+      rules: ordered :class:`LoraRule` s; the first matching rule wins.
+
+    Returns:
+      The same tree with targeted weights replaced by LoRA nodes. At init
+      ``B = 0``, so the adapted model computes exactly what the base computes.
+
+    Raises:
+      ValueError: a rule matches nothing, matches a non-matrix leaf, an already
+        adapted leaf, or asks for a rank larger than ``min(d_in, d_out)``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> params = {"dense": {"kernel": jnp.ones((512, 64))}}
+      >>> params = init(jax.random.key(0), params, [LoraRule(pattern=".*kernel", rank=8)])
+      >>> params["dense"]["kernel"]
+      LoraWeight(shape=(512, 64), rank=8, scale=1, in_ndim=1, dropout=0, base=ArrayImpl)
+      >>> count(params)
+      ParamCount(trainable=4608, frozen=32768, total=37376, adapted=32768)
+      >>> round(count(params).reduction, 3)
+      0.859
+    """
+    if not rules:
+        raise ValueError("lora.init needs at least one LoraRule, e.g. [LoraRule(pattern='.*kernel', rank=8)]")
+    for r in rules:
+        if not isinstance(r, LoraRule):
+            raise TypeError(f"rules must be LoraRule instances, got {type(r).__name__}: {r!r}")
+    assigned = _paths.assign_rules(params, rules, is_leaf=is_node, what="LoRA rule")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
+    out = []
+    for i, (p, w) in enumerate(flat):
+        path = _paths.path_str(p)
+        rule = assigned.get(path)
+        if rule is None:
+            out.append(w)
+            continue
+        if isinstance(w, LoraWeight):
+            raise ValueError(f"{rule!r} matched {path!r}, which is already a LoRA weight")
+        shape = tuple(getattr(w, "shape", ()))
+        if len(shape) < 2:
+            raise ValueError(
+                f"{rule!r} matched {path!r} of shape {shape}, which is not a matrix: LoRA "
+                "targets kernels with at least 2 axes. Narrow the pattern (e.g. end it in 'kernel')."
+            )
+        if rule.in_dims >= len(shape):
+            raise ValueError(
+                f"{rule!r} matched {path!r} of shape {shape}: in_dims={rule.in_dims} leaves no output axis"
+            )
+        d_in = math.prod(shape[: rule.in_dims])
+        d_out = math.prod(shape[rule.in_dims :])
+        if rule.rank > min(d_in, d_out):
+            raise ValueError(
+                f"{rule!r}: rank {rule.rank} is larger than min(d_in, d_out) = {min(d_in, d_out)} "
+                f"for {path!r} of shape {shape}"
+            )
+        dtype = w.dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{rule!r} matched {path!r} with dtype {dtype}; LoRA needs a float weight")
+        a, b = _init_factors(jax.random.fold_in(key, i), w, rule, d_in, d_out, dtype)
+        out.append(LoraWeight(w, a, b, rule.scale, rule.in_dims, rule.dropout))
+    return treedef.unflatten(out)
+
+
+def is_lora(x: Any) -> bool:
+    return isinstance(x, LoraWeight)
+
+
+def nodes(params: PyTree) -> list[tuple[str, LoraWeight]]:
+    """All LoRA weights of a tree with their paths."""
+    return [(p, x) for p, x in _paths.leaves_with_paths(params, is_leaf=is_node) if is_lora(x)]
+
+
+def with_dropout_keys(params: PyTree, key: jax.Array | None) -> PyTree:
+    """Give every LoRA weight with dropout its own key (``None`` turns dropout off)."""
+    flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_node)
+    out = []
+    for i, x in enumerate(flat):
+        if is_lora(x) and x.dropout > 0.0:
+            k = None if key is None else jax.random.fold_in(key, i)
+            x = dataclasses.replace(x, dropout_key=k)
+        out.append(x)
+    return treedef.unflatten(out)
+
+
+# ----------------------------------------------------------------------------
+# merge / unmerge / counts
+
+
+def merge(params: PyTree) -> PyTree:
+    """Fold every adapter into its base: ``W = W0 + s * A @ B`` (plain arrays).
+
+    A quantized base is dequantized first; the result is a dense weight.
+    """
+
+    def fold(x):
+        if not is_lora(x):
+            return x
+        base = dense(x.base)
+        return base + x.delta_weight().astype(base.dtype)
+
+    return jax.tree.map(fold, params, is_leaf=is_node)
+
+
+def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
+    """Inverse of :func:`merge`: ``W0 = W - s * A @ B`` at every adapted leaf.
+
+    Args:
+      merged: the output of :func:`merge`.
+      adapters: a tree holding the LoRA weights (the adapted params, or the
+        ``trainable`` half of :func:`lora_jax.split`).
+
+    Returns:
+      LoRA params equal to the ones that were merged, up to float rounding of
+      ``(W0 + D) - D`` (at most half an ulp of ``W0 + D`` per element).
+    """
+
+    def undo(node, w):
+        if not is_lora(node):
+            return w
+        base = w - node.delta_weight().astype(w.dtype)
+        return dataclasses.replace(node, base=base, dropout_key=None)
+
+    return jax.tree.map(undo, adapters, merged, is_leaf=lambda x: is_node(x) or x is None)
+
+
+class ParamCount(NamedTuple):
+    """Parameter accounting of a (partly) adapted tree."""
+
+    trainable: int
+    frozen: int
+    total: int
+    adapted: int  # elements of the weights that carry adapters
+
+    @property
+    def reduction(self) -> float:
+        """``1 - trainable / adapted``: the saving against training those weights fully."""
+        return 1.0 - self.trainable / self.adapted if self.adapted else 0.0
+
+
+def _size(x) -> int:
+    return int(np.prod(getattr(x, "shape", ()))) if x is not None else 0
+
+
+def count(params: PyTree) -> ParamCount:
+    """Count trainable (A, B) and frozen elements; quantized leaves count logically."""
+    trainable = frozen = adapted = 0
+    for _, x in _paths.leaves_with_paths(params, is_leaf=is_node):
+        if is_lora(x):
+            trainable += _size(x.lora_a) + _size(x.lora_b)
+            frozen += _size(x.base)
+            adapted += _size(x.base)
+        else:
+            frozen += _size(x)
+    return ParamCount(trainable, frozen, trainable + frozen, adapted)

@@ -1,0 +1,268 @@
+"""A Llama-family decoder as pure functions over a parameter pytree.
+
+The parameters are a plain nested dict whose paths name the roles the way
+Hugging Face does, so one set of rules targets any built-in model::
+
+    embed                                   (vocab, d)
+    layers/<i>/attn_norm/scale              (d,)
+    layers/<i>/attn/{q,k,v,o}_proj/kernel   (d, heads*head_dim) ... (heads*head_dim, d)
+    layers/<i>/attn/{q,k,v}_proj/bias       only with qkv_bias (Qwen2)
+    layers/<i>/mlp_norm/scale               (d,)
+    layers/<i>/mlp/{gate,up,down}_proj/kernel
+    norm/scale                              (d,)
+    lm_head                                 (d, vocab), absent when embeddings are tied
+
+The model code multiplies with ``@`` and looks rows up with ``[]``; a LoRA
+weight or a quantized leaf in place of any of these arrays just works, so the
+model knows nothing of LoRA. RoPE uses the Hugging Face (rotate-half) layout.
+Shape suffixes: B batch, T time (queries), S time (keys), D model width,
+K kv heads, G query heads per kv head, H head dim, F ffn width, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Shape and numerics of a Llama-family decoder (HF ``config.json`` names in comments)."""
+
+    vocab_size: int  # vocab_size
+    dim: int  # hidden_size
+    n_layers: int  # num_hidden_layers
+    n_heads: int  # num_attention_heads
+    n_kv_heads: int  # num_key_value_heads
+    ffn_dim: int  # intermediate_size
+    head_dim: int | None = None  # head_dim (default dim // n_heads)
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {v!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"LlamaConfig: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"LlamaConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+SMOLLM2_135M = LlamaConfig(
+    vocab_size=49152,
+    dim=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    ffn_dim=1536,
+    rope_theta=100000.0,
+    rms_eps=1e-5,
+    tie_embeddings=True,
+    max_seq_len=8192,
+)
+
+
+def init(key: jax.Array, config: LlamaConfig, dtype=jnp.float32) -> PyTree:
+    """Random parameters (normal, std 0.02 as HF's ``initializer_range``; norms at 1).
+
+    Examples:
+      >>> cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+      >>> p = init(jax.random.key(0), cfg)
+      >>> p["layers"][1]["attn"]["k_proj"]["kernel"].shape
+      (32, 16)
+    """
+    c = config
+    keys = iter(jax.random.split(key, 2 + 7 * c.n_layers))
+
+    def w(shape):
+        return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    def proj(d_in, d_out, bias=False):
+        p = {"kernel": w((d_in, d_out))}
+        if bias:
+            p["bias"] = jnp.zeros((d_out,), dtype)
+        return p
+
+    layers = []
+    for _ in range(c.n_layers):
+        layers.append(
+            {
+                "attn_norm": {"scale": jnp.ones((c.dim,), dtype)},
+                "attn": {
+                    "q_proj": proj(c.dim, c.q_dim, c.qkv_bias),
+                    "k_proj": proj(c.dim, c.kv_dim, c.qkv_bias),
+                    "v_proj": proj(c.dim, c.kv_dim, c.qkv_bias),
+                    "o_proj": proj(c.q_dim, c.dim),
+                },
+                "mlp_norm": {"scale": jnp.ones((c.dim,), dtype)},
+                "mlp": {
+                    "gate_proj": proj(c.dim, c.ffn_dim),
+                    "up_proj": proj(c.dim, c.ffn_dim),
+                    "down_proj": proj(c.ffn_dim, c.dim),
+                },
+            }
+        )
+    params = {"embed": w((c.vocab_size, c.dim)), "layers": layers, "norm": {"scale": jnp.ones((c.dim,), dtype)}}
+    if not c.tie_embeddings:
+        params["lm_head"] = w((c.dim, c.vocab_size))
+    return params
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float):
+    """cos/sin tables ``(B, T, head_dim/2)`` for the rotate-half RoPE layout."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    ang = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:
+    half = x_BTNH.shape[-1] // 2
+    x1, x2 = x_BTNH[..., :half], x_BTNH[..., half:]
+    cos = cos_BTh[:, :, None, :].astype(x_BTNH.dtype)
+    sin = sin_BTh[:, :, None, :].astype(x_BTNH.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _linear(x, p):
+    y = x @ p["kernel"]
+    if "bias" in p:
+        y = y + p["bias"].astype(y.dtype)
+    return y
+
+
+def attention(p: PyTree, x_BTD: jax.Array, cos, sin, mask_BTS: jax.Array, c: LlamaConfig) -> jax.Array:
+    """Grouped-query self-attention; ``mask_BTS`` is True where a query may attend."""
+    B, T, _ = x_BTD.shape
+    K, G, H = c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim
+    q_BTKGH = apply_rope(_linear(x_BTD, p["q_proj"]).reshape(B, T, K * G, H), cos, sin).reshape(B, T, K, G, H)
+    k_BSKH = apply_rope(_linear(x_BTD, p["k_proj"]).reshape(B, T, K, H), cos, sin)
+    v_BSKH = _linear(x_BTD, p["v_proj"]).reshape(B, T, K, H)
+    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH) / jnp.asarray(math.sqrt(H), x_BTD.dtype)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS.astype(jnp.float32), -1e30)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(x_BTD.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+    return _linear(out_BTKGH.reshape(B, T, K * G * H), p["o_proj"])
+
+
+def mlp(p: PyTree, x_BTD: jax.Array) -> jax.Array:
+    h_BTF = jax.nn.silu(_linear(x_BTD, p["gate_proj"])) * _linear(x_BTD, p["up_proj"])
+    return _linear(h_BTF, p["down_proj"])
+
+
+def hidden_states(
+    params: PyTree,
+    tokens_BT: jax.Array,
+    config: LlamaConfig,
+    *,
+    attention_mask_BT: jax.Array | None = None,
+    positions_BT: jax.Array | None = None,
+    remat: bool = False,
+) -> jax.Array:
+    """Final-norm hidden states ``(B, T, D)``.
+
+    Args:
+      params: the parameter tree (LoRA and quantized leaves allowed).
+      tokens_BT: int token ids.
+      config: the model's :class:`LlamaConfig`.
+      attention_mask_BT: 1 for real tokens, 0 for padding (keys only); default all 1.
+      positions_BT: RoPE positions; default ``0..T-1``.
+      remat: recompute each layer in the backward pass (saves activation memory).
+    """
+    c = config
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+        positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+    mask_BTS = causal_TS[None]
+    if attention_mask_BT is not None:
+        mask_BTS = mask_BTS & attention_mask_BT.astype(bool)[:, None, :]
+    cos, sin = rope_tables(positions_BT, c.head_dim, c.rope_theta)
+    x_BTD = params["embed"][tokens_BT]
+
+    def layer(x_BTD, lp):
+        x_BTD = x_BTD + attention(lp["attn"], rms_norm(x_BTD, lp["attn_norm"]["scale"], c.rms_eps), cos, sin, mask_BTS, c)
+        return x_BTD + mlp(lp["mlp"], rms_norm(x_BTD, lp["mlp_norm"]["scale"], c.rms_eps))
+
+    if remat:
+        layer = jax.checkpoint(layer)
+    for lp in params["layers"]:
+        x_BTD = layer(x_BTD, lp)
+    return rms_norm(x_BTD, params["norm"]["scale"], c.rms_eps)
+
+
+def output_head(params: PyTree, config: LlamaConfig):
+    """The ``(D, V)`` output projection (the transposed embedding when tied)."""
+    return params["embed"].T if config.tie_embeddings else params["lm_head"]
+
+
+def apply(params: PyTree, tokens_BT: jax.Array, config: LlamaConfig, **kwargs) -> jax.Array:
+    """Logits ``(B, T, V)``; keyword arguments as :func:`hidden_states`."""
+    return hidden_states(params, tokens_BT, config, **kwargs) @ output_head(params, config)
+
+
+def loss(params: PyTree, batch: dict, config: LlamaConfig, *, remat: bool = False):
+    """Mean next-token cross entropy over the positions where ``batch['loss_mask']`` is 1.
+
+    Args:
+      params: parameters.
+      batch: ``tokens`` (B, T) int; optional ``loss_mask`` (B, T), 1 where the
+        token at that position is a target (position 0 is never one);
+        optional ``attention_mask`` (B, T).
+      config: model config.
+
+    Returns:
+      ``(loss, {"n_tokens": ...})``.
+    """
+    tokens_BT = batch["tokens"]
+    mask_BT = batch.get("loss_mask")
+    if mask_BT is None:
+        mask_BT = jnp.ones(tokens_BT.shape, jnp.float32)
+    logits_BTV = apply(params, tokens_BT, config, attention_mask_BT=batch.get("attention_mask"), remat=remat)
+    logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
+    targets_BT = tokens_BT[:, 1:]
+    weights_BT = mask_BT[:, 1:].astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    n = jnp.maximum(weights_BT.sum(), 1.0)
+    return jnp.sum((lse_BT - picked_BT) * weights_BT) / n, {"n_tokens": weights_BT.sum()}
+
+
+def matmul_flops_per_token(config: LlamaConfig, seq_len: int) -> dict[str, float]:
+    """Forward matmul FLOPs per token: weights (``2 * params``) and attention."""
+    c = config
+    per_layer = c.dim * (c.q_dim + 2 * c.kv_dim) + c.q_dim * c.dim + 3 * c.dim * c.ffn_dim
+    weights = 2.0 * (c.n_layers * per_layer + c.dim * c.vocab_size)
+    # QK^T and AV over a causal window: full T x T is what the einsums compute.
+    attn = 2.0 * 2.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
+    return {"weights": weights, "attention": attn}
