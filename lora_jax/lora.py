@@ -15,6 +15,7 @@ embedding table, ``node.T`` is the transposed weight (tied output heads), and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -45,6 +46,39 @@ def dense(w: Any) -> jax.Array:
 def is_node(x: Any) -> bool:
     """True for a LoRA node or a quantized leaf (pytree nodes standing for one weight)."""
     return isinstance(x, LoraWeight) or callable(getattr(x, "dequantize", None))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank(x_ND, a_DR, b_RO, scale: float):
+    """``((x @ A) * s) @ B`` with a backward pass laid out for XLA.
+
+    The hand-written backward keeps every large operand (``x``, the output
+    cotangent) in its natural row-major layout and transposes only the small
+    rank-``r`` tensors; optimization barriers stop XLA from folding those small
+    transposes back into the dots, which otherwise makes it materialize a
+    transposed copy of each adapter's input and output gradient (measured
+    here: about a fifth of a LoRA train step on CPU). Forward-mode
+    differentiation (``jax.jvp``) is not defined for it.
+    """
+    return ((x_ND @ a_DR) * jnp.asarray(scale, x_ND.dtype)) @ b_RO
+
+
+def _low_rank_fwd(x_ND, a_DR, b_RO, scale):
+    h_NR = (x_ND @ a_DR) * jnp.asarray(scale, x_ND.dtype)
+    return h_NR @ b_RO, (x_ND, a_DR, b_RO, h_NR)
+
+
+def _low_rank_bwd(scale, res, g_NO):
+    x_ND, a_DR, b_RO, h_NR = res
+    bar = jax.lax.optimization_barrier
+    db_RO = bar(h_NR.T) @ g_NO
+    dh_NR = (g_NO @ bar(b_RO.T)) * jnp.asarray(scale, g_NO.dtype)
+    da_DR = bar(bar(dh_NR.T) @ x_ND).T
+    dx_ND = dh_NR @ bar(a_DR.T)
+    return dx_ND, da_DR, db_RO
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -128,7 +162,10 @@ class LoraWeight:
         """``s * (dropout(x) @ A) @ B`` for ``x_flat`` of shape ``(..., d_in)``."""
         a = self.lora_a.astype(x_flat.dtype)
         b = self.lora_b.astype(x_flat.dtype)
-        return ((self._adapter_input(x_flat) @ a) @ b) * jnp.asarray(self.scale, x_flat.dtype)
+        x = self._adapter_input(x_flat)
+        lead = x.shape[:-1]
+        y = _low_rank(x.reshape(-1, x.shape[-1]), a, b, float(self.scale))
+        return y.reshape(*lead, b.shape[-1])
 
     def __rmatmul__(self, x):
         if self.ndim != 2:

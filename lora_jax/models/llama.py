@@ -248,8 +248,10 @@ def loss(params: PyTree, batch: dict, config: LlamaConfig, *, remat: bool = Fals
     mask_BT = batch.get("loss_mask")
     if mask_BT is None:
         mask_BT = jnp.ones(tokens_BT.shape, jnp.float32)
-    logits_BTV = apply(params, tokens_BT, config, attention_mask_BT=batch.get("attention_mask"), remat=remat)
-    logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
+    hidden_BTD = hidden_states(params, tokens_BT, config, attention_mask_BT=batch.get("attention_mask"), remat=remat)
+    # Drop the last position before the output head: slicing the (B, T, V)
+    # logits instead would copy the largest tensor of the step.
+    logits_BTV = (hidden_BTD[:, :-1] @ output_head(params, config)).astype(jnp.float32)
     targets_BT = tokens_BT[:, 1:]
     weights_BT = mask_BT[:, 1:].astype(jnp.float32)
     lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
@@ -266,3 +268,87 @@ def matmul_flops_per_token(config: LlamaConfig, seq_len: int) -> dict[str, float
     # QK^T and AV over a causal window: full T x T is what the einsums compute.
     attn = 2.0 * 2.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
     return {"weights": weights, "attention": attn}
+
+
+# ----------------------------------------------------------------------------
+# KV-cache decoding (used by lora_jax.generate)
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> list[dict[str, jax.Array]]:
+    """An empty key/value cache: per layer ``k`` and ``v`` of shape ``(B, S, K, H)``.
+
+    Examples:
+      >>> cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+      >>> cache = init_cache(cfg, batch=3, length=10)
+      >>> len(cache), cache[0]["k"].shape
+      (2, (3, 10, 2, 8))
+    """
+    shape = (batch, length, config.n_kv_heads, config.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layers)]
+
+
+def attention_cached(
+    p: PyTree, x_BTD: jax.Array, cos, sin, layer_cache: dict, index: jax.Array, mask_BTS: jax.Array, c: LlamaConfig
+) -> tuple[jax.Array, dict]:
+    """:func:`attention` over a cache: write this step's keys/values at column ``index``, attend to all ``S``.
+
+    ``mask_BTS`` (True where query ``t`` may see cache column ``s``) covers the whole cache.
+    """
+    B, T, _ = x_BTD.shape
+    K, G, H = c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim
+    q_BTKGH = apply_rope(_linear(x_BTD, p["q_proj"]).reshape(B, T, K * G, H), cos, sin).reshape(B, T, K, G, H)
+    k_BTKH = apply_rope(_linear(x_BTD, p["k_proj"]).reshape(B, T, K, H), cos, sin)
+    v_BTKH = _linear(x_BTD, p["v_proj"]).reshape(B, T, K, H)
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
+    k_BSKH = jax.lax.dynamic_update_slice(layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype), start)
+    v_BSKH = jax.lax.dynamic_update_slice(layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype), start)
+    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(q_BTKGH.dtype))
+    logits_BKGTS = logits_BKGTS / jnp.asarray(math.sqrt(H), logits_BKGTS.dtype)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS.astype(jnp.float32), -1e30)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(x_BTD.dtype)
+    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH.astype(x_BTD.dtype))
+    return _linear(out_BTKGH.reshape(B, T, K * G * H), p["o_proj"]), {"k": k_BSKH, "v": v_BSKH}
+
+
+def hidden_states_cached(
+    params: PyTree,
+    tokens_BT: jax.Array,
+    config: LlamaConfig,
+    cache: list[dict[str, jax.Array]],
+    *,
+    index: jax.Array,
+    positions_BT: jax.Array,
+    kv_mask_BS: jax.Array,
+) -> tuple[jax.Array, list[dict[str, jax.Array]]]:
+    """Final-norm hidden states of ``T`` new tokens written into cache columns ``index .. index+T-1``.
+
+    Args:
+      params: the parameter tree (LoRA and quantized leaves allowed).
+      tokens_BT: the new tokens (a whole prompt for prefill, one token per step after).
+      config: the model's :class:`LlamaConfig`.
+      cache: from :func:`init_cache` (or a previous call); ``S`` columns.
+      index: int scalar, the cache column of ``tokens_BT[:, 0]`` (the same for every row,
+        so prompts are left-padded to a common end).
+      positions_BT: RoPE positions of the new tokens.
+      kv_mask_BS: True at cache columns that hold real tokens, including the new ones.
+
+    Returns:
+      ``(hidden_BTD, new_cache)``. Query ``t`` attends to valid columns ``s <= index + t``.
+    """
+    c = config
+    T = tokens_BT.shape[1]
+    S = cache[0]["k"].shape[1]
+    cols_T = jnp.asarray(index, jnp.int32) + jnp.arange(T, dtype=jnp.int32)
+    mask_BTS = (jnp.arange(S, dtype=jnp.int32)[None, :] <= cols_T[:, None])[None] & kv_mask_BS.astype(bool)[:, None, :]
+    cos, sin = rope_tables(positions_BT, c.head_dim, c.rope_theta)
+    x_BTD = params["embed"][tokens_BT]
+    new_cache = []
+    for lp, lc in zip(params["layers"], cache, strict=True):
+        h_BTD, lc = attention_cached(
+            lp["attn"], rms_norm(x_BTD, lp["attn_norm"]["scale"], c.rms_eps), cos, sin, lc, index, mask_BTS, c
+        )
+        x_BTD = x_BTD + h_BTD
+        x_BTD = x_BTD + mlp(lp["mlp"], rms_norm(x_BTD, lp["mlp_norm"]["scale"], c.rms_eps))
+        new_cache.append(lc)
+    return rms_norm(x_BTD, params["norm"]["scale"], c.rms_eps), new_cache
