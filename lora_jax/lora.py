@@ -190,14 +190,19 @@ class LoraWeight:
             raise TypeError(f".T needs a 2-D weight; this one has shape {self.shape}")
         return dataclasses.replace(self, base=self.base.T, lora_a=self.lora_b.T, lora_b=self.lora_a.T)
 
-    def delta_weight(self) -> jax.Array:
-        """The dense update ``s * A @ B`` in the shape of the base (materializes it)."""
-        d = (self.lora_a @ self.lora_b) * self.scale
-        return d.reshape(self.shape).astype(self.lora_a.dtype)
+    def delta_weight(self, shape: Sequence[int] | None = None) -> jax.Array:
+        """The dense update ``s * A @ B``, reshaped to ``shape`` (default: the base's).
+
+        This materializes a full-size matrix: for merging and analysis, not training.
+        """
+        d = (self.lora_a @ self.lora_b) * jnp.asarray(self.scale, self.lora_a.dtype)
+        return d.reshape(self.shape if shape is None else tuple(shape))
 
     def __repr__(self) -> str:
+        shape = "?" if self.base is None else self.shape
+        rank = "?" if self.lora_a is None else self.rank
         return (
-            f"LoraWeight(shape={self.shape}, rank={self.rank}, scale={self.scale:g}, "
+            f"LoraWeight(shape={shape}, rank={rank}, scale={self.scale:g}, "
             f"in_ndim={self.in_ndim}, dropout={self.dropout:g}, base={type(self.base).__name__})"
         )
 
@@ -439,7 +444,7 @@ def unmerge(merged: PyTree, adapters: PyTree) -> PyTree:
     def undo(node, w):
         if not is_lora(node):
             return w
-        base = w - node.delta_weight().astype(w.dtype)
+        base = w - node.delta_weight(w.shape).astype(w.dtype)
         return dataclasses.replace(node, base=base, dropout_key=None)
 
     return jax.tree.map(undo, adapters, merged, is_leaf=lambda x: is_node(x) or x is None)

@@ -54,6 +54,8 @@ def init_state(
             "no trainable leaf: the params hold no LoRA weight. Call lora_jax.lora.init(key, params, rules) "
             "first, or pass trainable=lora_jax.paths.everything for full fine-tuning."
         )
+    # The step donates the trainable buffers; copy them so the caller's arrays stay valid.
+    t = jax.tree.map(jnp.copy, t)
     return TrainState(jnp.zeros((), jnp.int32), t, f, tx.init(t), key)
 
 

@@ -1,0 +1,128 @@
+"""The jit-compiled train step: what changes, what does not, no recompilation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora_jax as lj
+from lora_jax import lora, paths, train
+from lora_jax.models import llama
+
+CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, qkv_bias=True)
+SEVEN = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+
+
+def loss_fn(p, b):
+    return llama.loss(p, b, CFG)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = llama.init(jax.random.key(0), CFG)
+    # Embeddings (tied with the output head) at std 0.16 instead of 0.02: a frozen
+    # head that small caps how confident any adapter can make the logits.
+    params["embed"] = params["embed"] * 8
+    tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, CFG.vocab_size)
+    mask = jnp.ones((4, 16), jnp.float32).at[:, :4].set(0.0)
+    return params, {"tokens": tokens, "loss_mask": mask}
+
+
+def snapshot(tree):
+    return [(p, np.asarray(x).copy()) for p, x in paths.leaves_with_paths(tree)]
+
+
+def test_three_steps_change_only_a_and_b(setup):
+    params, batch = setup
+    adapted = lora.init(jax.random.key(2), params, [lj.LoraRule(pattern=SEVEN, rank=4, alpha=8, dropout=0.1)])
+    tx = optax.adamw(1e-2)
+    state = train.init_state(adapted, tx, jax.random.key(3))
+    before_frozen = snapshot(state.frozen)
+    before_train = snapshot(state.trainable)
+    step = train.make_train_step(loss_fn, tx)
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    assert int(state.step) == 3
+    for (p, a), (_, b) in zip(before_frozen, snapshot(state.frozen)):
+        np.testing.assert_array_equal(a, b, err_msg=p)
+    changed = [not np.array_equal(a, b) for (_, a), (_, b) in zip(before_train, snapshot(state.trainable))]
+    assert len(changed) == 28 and all(changed)
+    # A gradient exists only for the trainable half: the grads tree has A/B leaves alone.
+    assert optax.tree_utils.tree_size(state.opt_state) == 2 * lora.count(state.params).trainable + 1
+
+
+def test_no_recompilation_on_the_second_step(setup):
+    params, batch = setup
+    adapted = lora.init(jax.random.key(2), params, [lj.LoraRule.all_linear(2)])
+    tx = optax.adam(1e-3)
+    step = train.make_train_step(loss_fn, tx)
+    state = train.init_state(adapted, tx, jax.random.key(0))
+    state, _ = step(state, batch)
+    assert step.compiled._cache_size() == 1
+    for _ in range(2):
+        state, _ = step(state, batch)
+    assert step.compiled._cache_size() == 1
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_loss_falls_when_overfitting_one_batch(setup, mode):
+    params, batch = setup
+    if mode == "lora":
+        params = lora.init(jax.random.key(2), params, [lj.LoraRule(pattern=SEVEN, rank=8, alpha=16)])
+        trainable = paths.is_trainable_leaf
+    else:
+        trainable = paths.everything
+    tx = optax.adam(1e-2)
+    state = train.init_state(params, tx, jax.random.key(0), trainable)
+    step = train.make_train_step(loss_fn, tx)
+    losses = []
+    for _ in range(60):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    # From above the uniform-guess loss ln(64) = 4.16 to well below it.
+    assert losses[0] > 4.16 and losses[-1] < 0.3 * losses[0], losses
+    assert float(m["n_tokens"]) == 4 * 12
+
+
+def test_eval_step_matches_loss(setup):
+    params, batch = setup
+    adapted = lora.init(jax.random.key(2), params, [lj.LoraRule.all_linear(2)])
+    t, f = lj.split(adapted)
+    m = train.make_eval_step(loss_fn)(t, f, batch)
+    np.testing.assert_allclose(m["loss"], loss_fn(params, batch)[0], rtol=1e-6)
+
+
+def test_init_state_without_adapters_is_an_error(setup):
+    params, _ = setup
+    with pytest.raises(ValueError, match="no trainable leaf"):
+        train.init_state(params, optax.adam(1e-3), jax.random.key(0))
+
+
+def test_pure_jax_function_unaware_of_lora_is_adapted_and_trained():
+    """A model written with `@` only: LoRA nodes slot in through __rmatmul__."""
+
+    def mlp(params, x):
+        h = jnp.tanh(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+        return h @ params["out"]["kernel"]
+
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {"hidden": {"kernel": jax.random.normal(k[0], (8, 32)) / 3, "bias": jnp.zeros(32)},
+              "out": {"kernel": jax.random.normal(k[1], (32, 2)) / 6}}
+    x = jax.random.normal(k[2], (64, 8))
+    y = jnp.stack([jnp.sin(x[:, 0]), x[:, 1] * x[:, 2]], axis=1)
+
+    def loss(p, batch):
+        return jnp.mean((mlp(p, batch[0]) - batch[1]) ** 2), {}
+
+    adapted = lora.init(k[3], params, [lj.LoraRule(pattern=".*kernel", rank=2, alpha=4)])
+    np.testing.assert_array_equal(mlp(adapted, x), mlp(params, x))
+    tx = optax.adam(3e-2)
+    state = train.init_state(adapted, tx, k[3])
+    step = train.make_train_step(loss, tx)
+    first = None
+    for _ in range(100):
+        state, m = step(state, (x, y))
+        first = float(m["loss"]) if first is None else first
+    assert float(m["loss"]) < 0.6 * first
+    np.testing.assert_array_equal(state.frozen["hidden"]["kernel"].base, params["hidden"]["kernel"])
