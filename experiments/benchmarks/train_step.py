@@ -1,0 +1,186 @@
+"""Train-step benchmark: LoRA vs full fine-tuning on the SmolLM2-135M shape.
+
+Prints one JSON object. Timings are medians over interleaved repetitions
+(LoRA, full, matmul, LoRA, full, matmul, ...) measured in this one process, so
+the ratios compare like with like on a noisy shared machine.
+
+    python experiments/benchmarks/train_step.py            # full-size run
+    python experiments/benchmarks/train_step.py --tiny     # smoke run (seconds)
+
+Keys:
+  lora_step_s, full_step_s   median seconds per step (forward, backward, AdamW update)
+  lora_over_full             median of the per-pair ratios
+  matmul_gflops              fp32 matmul throughput measured in the same run
+  lora_model_gflop           model FLOPs of one LoRA step (analytic; see flops())
+  lora_mfu                   lora_model_gflop / lora_step_s / matmul_gflops
+  xla_lora_gflop             XLA's own cost analysis of the compiled step, for comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lora_jax as lj
+from lora_jax.models import llama
+
+ALL_SEVEN = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+
+
+def model_config(tiny: bool) -> llama.LlamaConfig:
+    if tiny:
+        return llama.LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    return llama.SMOLLM2_135M
+
+
+def flops(cfg: llama.LlamaConfig, n_tokens: int, seq_len: int, rank: int, mode: str) -> float:
+    """Model FLOPs of one train step (matmuls only; elementwise work is not counted).
+
+    Forward: 2 * weights * tokens + attention (QK^T and AV). Backward: the input
+    gradients cost as much again, and full fine-tuning adds the weight gradients
+    (2 * weights * tokens more). Attention backward is twice its forward.
+    LoRA adds its adapters: forward 2 * r * (d_in + d_out) per token and target,
+    backward twice that.
+    """
+    per_tok = llama.matmul_flops_per_token(cfg, seq_len)
+    w, attn = per_tok["weights"] * n_tokens, per_tok["attention"] * n_tokens
+    if mode == "full":
+        return 3 * w + 3 * attn
+    c = cfg
+    shapes = [(c.dim, c.q_dim), (c.dim, c.kv_dim), (c.dim, c.kv_dim), (c.q_dim, c.dim)]
+    shapes += [(c.dim, c.ffn_dim), (c.dim, c.ffn_dim), (c.ffn_dim, c.dim)]
+    adapter = 2.0 * rank * sum(a + b for a, b in shapes) * c.n_layers * n_tokens
+    return 2 * w + 3 * attn + 3 * adapter
+
+
+def build(mode: str, cfg, rank: int, batch: int, seq: int):
+    """Return (step_fn, state, batch) for mode 'lora' or 'full'."""
+    params = llama.init(jax.random.key(0), cfg)
+    if mode == "lora":
+        params = lj.lora.init(jax.random.key(1), params, [lj.LoraRule(pattern=ALL_SEVEN, rank=rank, alpha=2 * rank)])
+        trainable = lj.paths.is_trainable_leaf
+    else:
+        trainable = lj.paths.everything
+    tx = optax.adamw(1e-4)
+    state = lj.train.init_state(params, tx, jax.random.key(2), trainable)
+    step = lj.train.make_train_step(lambda p, b: llama.loss(p, b, cfg), tx)
+    tokens = jax.random.randint(jax.random.key(3), (batch, seq), 0, cfg.vocab_size)
+    return step, state, {"tokens": tokens}
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0, out
+
+
+def rss_only(mode: str, args) -> None:
+    """Run in a child process: build, run two steps, print peak RSS in MB."""
+    cfg = model_config(args.tiny)
+    step, state, batch = build(mode, cfg, args.rank, args.batch, args.seq)
+    for _ in range(2):
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(mode: str, args) -> float:
+    cmd = [sys.executable, __file__, "--rss-only", mode, "--rank", str(args.rank),
+           "--batch", str(args.batch), "--seq", str(args.seq)] + (["--tiny"] if args.tiny else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny model, for a smoke run")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=10, help="interleaved repetitions after warm-up")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--rss-only", choices=["lora", "full"], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss_only:
+        rss_only(args.rss_only, args)
+        return {}
+
+    cfg = model_config(args.tiny)
+    n_tok = args.batch * args.seq
+    n = 1024 if args.tiny else 2048
+    a = jax.random.normal(jax.random.key(5), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(6), (n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+
+    runs = {}
+    compile_s = {}
+    for mode in ("lora", "full"):
+        step, state, batch = build(mode, cfg, args.rank, args.batch, args.seq)
+        t, (state, _) = timed(lambda: step(state, batch))  # compile + first step
+        compile_s[mode] = t
+        runs[mode] = [step, state, batch]
+    cost = runs["lora"][0].compiled.lower(
+        runs["lora"][1].trainable, runs["lora"][1].opt_state, runs["lora"][1].frozen,
+        runs["lora"][1].key, runs["lora"][1].step, runs["lora"][2]).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    timed(lambda: mm(a, b))
+
+    times = {"lora": [], "full": [], "matmul": []}
+    for _ in range(args.reps + 1):  # first round is warm-up
+        for mode in ("lora", "full"):
+            step, state, batch = runs[mode]
+            t, (state, metrics) = timed(lambda: step(state, batch))
+            runs[mode][1] = state
+            times[mode].append(t)
+        times["matmul"].append(min(timed(lambda: mm(a, b))[0] for _ in range(3)))
+    times = {k: v[1:] for k, v in times.items()}
+
+    lora_s = statistics.median(times["lora"])
+    full_s = statistics.median(times["full"])
+    ratio = statistics.median(x / y for x, y in zip(times["lora"], times["full"]))
+    gflops = statistics.median(2 * n**3 / t for t in times["matmul"]) / 1e9
+    lora_gflop = flops(cfg, n_tok, args.seq, args.rank, "lora") / 1e9
+    full_gflop = flops(cfg, n_tok, args.seq, args.rank, "full") / 1e9
+    result = {
+        "shape": "tiny" if args.tiny else "smollm2-135m",
+        "batch": args.batch,
+        "seq": args.seq,
+        "rank": args.rank,
+        "reps": args.reps,
+        "lora_step_s": round(lora_s, 4),
+        "full_step_s": round(full_s, 4),
+        "lora_over_full": round(ratio, 4),
+        "matmul_gflops": round(gflops, 1),
+        "lora_model_gflop": round(lora_gflop, 2),
+        "full_model_gflop": round(full_gflop, 2),
+        "lora_mfu": round(lora_gflop / lora_s / gflops, 4),
+        "full_mfu": round(full_gflop / full_s / gflops, 4),
+        "xla_lora_gflop": round(float(cost.get("flops", float("nan"))) / 1e9, 2),
+        "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
+        "trainable_params": lj.lora.count(runs["lora"][1].params).trainable,
+        "jax": jax.__version__,
+        "machine": f"{platform.machine()} {jax.device_count()}x{jax.devices()[0].platform}",
+        "threads": len(__import__("os").sched_getaffinity(0)),
+        "numpy": np.__version__,
+    }
+    if not args.no_rss:
+        result["lora_peak_rss_mb"] = round(peak_rss("lora", args), 1)
+        result["full_peak_rss_mb"] = round(peak_rss("full", args), 1)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
