@@ -1,0 +1,388 @@
+"""Tests for lora_jax.config: schema, safe YAML, overrides, sweeps, model checks."""
+
+import dataclasses
+import textwrap
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_jax import config as C
+from lora_jax import quant
+from lora_jax.config import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+# ----------------------------------------------------------------------------
+# Good configs
+
+
+def test_empty_and_minimal_files_take_the_defaults(tmp_path):
+    assert C.load_config(write(tmp_path, "", "empty.yaml")) == C.ExperimentConfig(name="empty")
+    cfg = C.load_config(write(tmp_path, "method: qlora\nlora: {rank: 4}\n"))
+    assert (cfg.name, cfg.method, cfg.lora.rank, cfg.quant.format, cfg.quant.block_size) == (
+        "exp",
+        "qlora",
+        4,
+        "nf4",
+        64,
+    )
+
+
+def test_values_are_normalized(tmp_path):
+    cfg = C.load_config(write(tmp_path, "optim: {lr: 1, betas: [0.9, 0.95], weight_decay: 0}\nlora: {alpha: 16}\n"))
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # an int where a float is expected
+    assert cfg.optim.betas == (0.9, 0.95) and isinstance(cfg.optim.betas, tuple)
+    assert isinstance(cfg.lora.alpha, float)
+    hash(cfg)  # frozen and hashable
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML (YAML 1.1) reads `3e-4` as a string; the config loader reads it as YAML 1.2 does.
+    assert C.load_config(write(tmp_path, "optim: {lr: 3e-4}\n")).optim.lr == 3e-4
+
+
+def test_sections_validate_when_built_in_python():
+    with pytest.raises(ConfigError, match=r"lora\.rank: must be >= 1 \(got 0\)"):
+        C.LoraConfig(rank=0)
+    with pytest.raises(TypeError):
+        C.LoraConfig(8)  # keyword-only
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        C.LoraConfig().rank = 4
+
+
+def test_to_rules():
+    (rule,) = C.LoraConfig(rank=4, alpha=8, dropout=0.1, rslora=True, init="gaussian").to_rules()
+    assert (rule.pattern, rule.rank, rule.alpha, rule.dropout, rule.rslora, rule.init) == (
+        C.DEFAULT_TARGETS,
+        4,
+        8.0,
+        0.1,
+        True,
+        "gaussian",
+    )
+    assert rule.scale == pytest.approx(8 / 2)
+    (qrule,) = C.QuantConfig(format="int8", block_size=0, double_quant=False).to_rules("bfloat16")
+    assert (qrule.format, qrule.block_size, qrule.double_quant, str(qrule.dtype)) == ("int8", None, False, "bfloat16")
+
+
+def test_quant_formats_match_the_codecs():
+    assert set(typing.get_args(typing.get_type_hints(C.QuantConfig)["format"])) == set(quant.FORMATS)
+
+
+def test_default_targets_match_the_seven_projections():
+    import re
+
+    hits = [p for p in LLAMA_SHAPES if re.fullmatch(C.DEFAULT_TARGETS, p)]
+    assert len(hits) == 7 * 2
+
+
+# ----------------------------------------------------------------------------
+# Bad configs: each error names the key path and shows the value.
+
+BAD = [
+    ("lora: {rank: 0}", r"lora\.rank: must be >= 1 \(got 0\)"),
+    ("lora: {rank: -4}", r"lora\.rank: must be >= 1 \(got -4\)"),
+    ("lora: {rank: '8'}", r"lora\.rank: expected an int, got str '8'"),
+    ("lora: {rank: 8.0}", r"lora\.rank: expected an int, got float 8\.0"),
+    ("lora: {rank: true}", r"lora\.rank: expected an int, got bool True \(booleans are not numbers\)"),
+    ("lora: {rslora: 1}", r"lora\.rslora: expected a bool \(true/false\), got int 1"),
+    ("lora: {alpha: 0}", r"lora\.alpha: must be > 0 \(got 0\.0\)"),
+    ("lora: {dropout: 1.0}", r"lora\.dropout: must be in \[0, 1\) \(got 1\.0\)"),
+    ("lora: {init: xavier}", r"lora\.init: unknown value 'xavier'; choose one of kaiming, gaussian"),
+    ("lora: {targets: 'layers/(q'}", r"lora\.targets: is not a valid regex"),
+    ("lora: {rnak: 8}", r"lora\.rnak: unknown key \(did you mean 'lora\.rank'\?\)"),
+    ("rank: 8", r"rank: unknown key \(did you mean 'lora\.rank'\?\)"),
+    ("lora: 8", r"lora: expected a mapping of lora settings, got int 8"),
+    ("optim: {lr: 0}", r"optim\.lr: must be > 0 \(got 0\.0\)"),
+    ("optim: {lr: -1.0e-4}", r"optim\.lr: must be > 0 \(got -0\.0001\)"),
+    ("optim: {lr: fast}", r"optim\.lr: expected a number, got str 'fast'"),
+    ("optim: {schedule: cosin}", r"optim\.schedule: unknown value 'cosin'.*did you mean 'cosine'"),
+    ("optim: {betas: [0.9]}", r"optim\.betas: expected a list of 2 numbers, got list \[0\.9\]"),
+    ("optim: {betas: [0.9, 1.5]}", r"optim\.betas: must both be in \[0, 1\)"),
+    ("optim: {name: adam, weight_decay: 0.1}", r"optim\.weight_decay: adam has no weight decay"),
+    ("optim: {warmup_steps: 500}\ntrain: {steps: 100}", r"optim\.warmup_steps: 500 is more than train\.steps=100"),
+    (
+        "method: lorra",
+        r"method: unknown value 'lorra'; choose one of base, lora, qlora, full \(did you mean 'lora'\?\)",
+    ),
+    ("quant: {format: nf3}", r"quant\.format: unknown value 'nf3'.*did you mean 'nf4'"),
+    ("quant: {block_size: 48}", r"quant\.block_size: unknown value 48; choose one of 0, 32, 64, 128, 256"),
+    ("quant: {block_size: true}", r"quant\.block_size: unknown value True"),
+    ("task: {name: summarization}", r"task\.name: unknown value 'summarization'.*code-summarization"),
+    ("task: {name: jsonl}", r"task\.path: task 'jsonl' reads the user's file; set task\.path"),
+    ("task: {path: data.jsonl}", r"task\.path: the built-in task 'code-summarization' takes no file"),
+    ("task: {max_len: 4}", r"task\.max_len: must be >= 16 \(got 4\)"),
+    ("task: {max_len: 4096}", r"task\.max_len: 4096 is longer than model\.max_seq_len=2048"),
+    ("task: {n_val: 0}", r"task\.n_val: must be >= 1 \(got 0\)"),
+    ("train: {steps: 0}", r"train\.steps: must be >= 1 \(got 0\)"),
+    ("train: {batch_size: -2}", r"train\.batch_size: must be >= 1 \(got -2\)"),
+    ("model: {name: smolm2-135m}", r"model\.name: unknown model \(did you mean 'smollm2-135m'\?\)"),
+    ("model: {dtype: float16}", r"model\.dtype: unknown value 'float16'; choose one of float32, bfloat16"),
+    ("seed: -1", r"seed: must be in \[0, 2\*\*32\) \(got -1\)"),
+    ("name: my run", r"name: must be a folder name"),
+    ("- lora\n- rank", r"exp\.yaml: the top level must be a mapping .*got list"),
+    ("lora:\n  rank: 8\n   alpha: 4\n", r"exp\.yaml:3:\d+: YAML syntax error"),
+    (
+        "lora: {rank: 4}\nlora: {rank: 8}\n",
+        r"exp\.yaml:2:1: YAML syntax error: duplicate key 'lora' \(first given on line 1\)",
+    ),
+    ("sweep: {lora.rank: [1, 0]}", r"sweep run lora\.rank=0: lora\.rank: must be >= 1 \(got 0\)"),
+    ("sweep: {lora.rnak: [1, 2]}", r"sweep\.lora\.rnak: unknown key \(did you mean 'lora\.rank'\?\)"),
+    ("sweep: {lora.rank: 4}", r"sweep\.lora\.rank: expected a non-empty list of values, got int 4"),
+    ("sweep: {lora.rank: [4, 4]}", r"sweep\.lora\.rank: a value is listed twice"),
+    ("sweep: {lora: [{rank: 4}]}", r"sweep\.lora: a section; list a key inside it"),
+    ("sweep_mode: zip\nsweep: {lora.rank: [1, 2], seed: [0]}", r"sweep_mode zip needs lists of one length"),
+    ("sweep_mode: cartesian\nsweep: {seed: [0]}", r"sweep_mode: unknown value 'cartesian'"),
+]
+
+
+@pytest.mark.parametrize("text, match", BAD, ids=[t for t, _ in BAD])
+def test_bad_config_is_rejected_before_compute(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        C.load_config(write(tmp_path, text))
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError, match=r"3 problems") as info:
+        C.load_config(write(tmp_path, "method: lorra\nlora: {rank: 0}\noptim: {lr: -1}\n"))
+    assert [e.split(":")[1] for e in info.value.errors] == [" method", " lora.rank", " optim.lr"]
+
+
+def test_python_tags_are_rejected_by_the_safe_loader(tmp_path):
+    marker = tmp_path / "ran"
+    p = write(tmp_path, f"lora:\n  rank: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"exp\.yaml:2:\d+: .*python/object/apply:os\.system.*not allowed"):
+        C.load_config(p)
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match=r"not allowed"):
+        C.apply_overrides({}, ["lora.rank=!!python/object/apply:os.system ['echo hi']"])
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        C.load_config(tmp_path / "nope.yaml")
+
+
+# ----------------------------------------------------------------------------
+# Overrides
+
+
+def test_overrides_set_typed_values(tmp_path):
+    p = write(tmp_path, "lora: {rank: 8}\n")
+    cfg = C.load_config(
+        p,
+        ["lora.rank=16", "optim.lr=3e-4", "train.steps=10", r"lora.targets=layers/\d+/attn/(q|v)_proj/kernel",
+         "optim.betas=[0.9, 0.95]", "lora.alpha=null", "method=qlora", "quant.double_quant=false", "name=other"],
+    )  # fmt: skip
+    assert (cfg.lora.rank, cfg.optim.lr, cfg.train.steps, cfg.optim.betas) == (16, 3e-4, 10, (0.9, 0.95))
+    assert cfg.lora.targets == r"layers/\d+/attn/(q|v)_proj/kernel"
+    assert (cfg.lora.alpha, cfg.method, cfg.quant.double_quant, cfg.name) == (None, "qlora", False, "other")
+
+
+def test_overrides_take_strings_verbatim_and_do_not_mutate():
+    raw = {"lora": {"rank": 8}}
+    out = C.apply_overrides(raw, ["lora.targets=[qv]_proj", "model.name=./no", "task.path=null", "lora=null"])
+    assert out["lora"] == {"rank": 8, "targets": "[qv]_proj"}  # a YAML list if parsed
+    assert out["model"]["name"] == "./no" and out["task"]["path"] is None
+    assert raw == {"lora": {"rank": 8}}
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        ("lora.rank", r"--set 'lora\.rank': expected key=value, e\.g\. --set lora\.rank=16"),
+        ("lora.rnak=16", r"unknown key 'lora\.rnak' \(did you mean 'lora\.rank'\?\)"),
+        ("lr=1e-3", r"unknown key 'lr' \(did you mean 'optim\.lr'\?\)"),
+        ("lora.rank.x=1", r"unknown key 'lora\.rank\.x'"),
+        ("sweep.lora.rnak=[1]", r"unknown sweep axis 'lora\.rnak' \(did you mean 'lora\.rank'\?\)"),
+        ("lora=4", r"lora is a section; give a mapping"),
+    ],
+)
+def test_bad_overrides(item, match):
+    with pytest.raises(ConfigError, match=match):
+        C.apply_overrides({}, [item])
+
+
+def test_bad_override_value_fails_on_load(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp\.yaml: lora\.rank: expected an int, got str 'big'"):
+        C.load_config(write(tmp_path, ""), ["lora.rank=big"])
+
+
+def test_override_pins_a_sweep_axis(tmp_path):
+    p = write(tmp_path, "sweep: {method: [base, lora], lora.rank: [1, 4, 16]}\n")
+    runs = C.load_sweep(p, ["lora.rank=2"])
+    assert [n for n, _ in runs] == ["base", "lora"] and runs[1][1].lora.rank == 2
+    assert [n for n, _ in C.load_sweep(p, ["sweep.seed=[0, 1]", "method=lora"])] == [
+        "lora_r1_s0", "lora_r1_s1", "lora_r4_s0", "lora_r4_s1", "lora_r16_s0", "lora_r16_s1",
+    ]  # fmt: skip
+    assert [n for n, _ in C.load_sweep(p, ["sweep=null"])] == ["lora"]
+
+
+# ----------------------------------------------------------------------------
+# Sweeps
+
+
+def test_grid_dedupes_runs_a_method_does_not_distinguish():
+    raw = {
+        "sweep": {"lora.rank": [1, 2, 4, 8, 16, 32, 64], "seed": [0, 1, 2], "method": ["base", "lora", "qlora", "full"]}
+    }
+    runs = C.expand_sweep(raw)
+    methods = [c.method for _, c in runs]
+    assert [methods.count(m) for m in ("base", "lora", "qlora", "full")] == [3, 21, 21, 3]
+    names = [n for n, _ in runs]
+    assert len(set(names)) == len(names)
+    assert names[:5] == ["base_s0", "lora_r1_s0", "qlora_r1_s0", "full_s0", "base_s1"]
+    assert "qlora_r8_s2" in names and "base_s2" in names and "full_s0" in names
+    base = dict(runs)["base_s1"]
+    assert base.seed == 1 and base.lora == C.LoraConfig()  # the rank axis was not applied
+    assert len({C.config_hash(c) for _, c in runs}) == len(runs)
+
+
+def test_base_with_a_rank_sweep_is_one_run():
+    runs = C.expand_sweep({"method": "base", "sweep": {"lora.rank": [1, 2, 4]}})
+    assert [n for n, _ in runs] == ["base"]
+
+
+def test_lora_ignores_quant_axes():
+    runs = C.expand_sweep({"sweep": {"method": ["lora", "qlora"], "quant.format": ["nf4", "fp4", "int4"]}})
+    assert [n for n, _ in runs] == ["lora", "qlora_nf4", "qlora_fp4", "qlora_int4"]
+
+
+def test_zip_mode_pairs_the_axes():
+    raw = {"sweep_mode": "zip", "sweep": {"lora.rank": [4, 8, 16], "lora.alpha": [8, 16, 32]}}
+    runs = C.expand_sweep(raw)
+    assert [n for n, _ in runs] == ["lora_r4_alpha8", "lora_r8_alpha16", "lora_r16_alpha32"]
+    assert [(c.lora.rank, c.lora.alpha) for _, c in runs] == [(4, 8.0), (8, 16.0), (16, 32.0)]
+
+
+def test_run_names_are_filesystem_safe_stable_and_unique():
+    raw = {"sweep": {"lora.targets": [".*q_proj/kernel", ".*v_proj/kernel"], "optim.lr": [1e-4, 3e-4],
+                     "quant.targets": [".*"], "lora.rslora": [True, False], "task.n_train": [None, 100]}}  # fmt: skip
+    names = [n for n, _ in C.expand_sweep(raw)]
+    assert names == [n for n, _ in C.expand_sweep(raw)]  # deterministic
+    assert len(set(names)) == len(names) == 16
+    for n in names:
+        assert all(ch.isalnum() or ch in "._+-" for ch in n), n
+    assert names[0].startswith("lora_lora-targets-") and "_lr0.0001_rslora-on_n_train-none" in names[0]
+
+
+def test_no_sweep_is_one_run_named_after_the_method():
+    ((name, cfg),) = C.expand_sweep({"method": "full"})
+    assert name == "full" and cfg == C.ExperimentConfig(method="full")
+
+
+def test_load_config_checks_the_sweep_but_returns_the_base(tmp_path):
+    cfg = C.load_config(write(tmp_path, "lora: {rank: 8}\nsweep: {lora.rank: [1, 2]}\n"))
+    assert cfg.lora.rank == 8
+    with pytest.raises(ConfigError, match=r"this config declares a sweep"):
+        C.from_dict({"sweep": {"seed": [0]}})
+
+
+# ----------------------------------------------------------------------------
+# Hash and round trip
+
+
+def test_round_trip(tmp_path):
+    for _, cfg in C.load_sweep(CONFIGS / "qlora_formats.yaml") + C.load_sweep(CONFIGS / "rank_sweep.yaml")[:4]:
+        text = C.to_yaml(cfg)
+        assert C.from_dict(yaml.safe_load(text)) == cfg
+        p = tmp_path / "resolved.yaml"
+        p.write_text(text)
+        assert C.load_config(p) == cfg
+        assert C.config_hash(C.load_config(p)) == C.config_hash(cfg)
+
+
+def test_config_hash_is_stable_and_ignores_what_the_method_does_not_read():
+    cfg = C.ExperimentConfig()
+    assert C.config_hash(cfg) == C.config_hash(C.from_dict(C.to_dict(cfg)))
+    assert len(C.config_hash(cfg)) == 64
+    assert C.config_hash(cfg) != C.config_hash(dataclasses.replace(cfg, seed=1))
+    assert C.config_hash(cfg) == C.config_hash(dataclasses.replace(cfg, name="x", output_dir="elsewhere"))
+    lora_run = dataclasses.replace(cfg, quant=C.QuantConfig(format="fp4"))
+    assert C.config_hash(cfg) == C.config_hash(lora_run)  # lora reads no quant.*
+    qlora = dataclasses.replace(cfg, method="qlora")
+    assert C.config_hash(qlora) != C.config_hash(dataclasses.replace(lora_run, method="qlora"))
+
+
+# ----------------------------------------------------------------------------
+# Shipped configs
+
+
+@pytest.mark.parametrize("name, n_runs", [("quickstart.yaml", 4), ("rank_sweep.yaml", 27), ("qlora_formats.yaml", 4)])
+def test_shipped_configs_load_and_expand(name, n_runs):
+    C.load_config(CONFIGS / name)
+    runs = C.load_sweep(CONFIGS / name)
+    assert len(runs) == n_runs
+    assert len({n for n, _ in runs}) == n_runs
+
+
+def test_quickstart_runs():
+    runs = C.load_sweep(CONFIGS / "quickstart.yaml")
+    assert [n for n, _ in runs] == ["base", "lora_r1", "lora_r4", "lora_r16"]
+    assert [c.lora.rank for _, c in runs[1:]] == [1, 4, 16]
+    assert all(c.name == "quickstart" and c.model.name == "smollm2-135m" for _, c in runs)
+
+
+# ----------------------------------------------------------------------------
+# Checks against the model's shapes
+
+LLAMA_SHAPES = {
+    "embed": (49152, 576),
+    "final_norm/scale": (576,),
+    **{
+        f"layers/{i}/{p}/kernel": s
+        for i in range(2)
+        for p, s in [
+            ("attn/q_proj", (576, 576)),
+            ("attn/k_proj", (576, 192)),
+            ("attn/v_proj", (576, 192)),
+            ("attn/o_proj", (576, 576)),
+            ("mlp/gate_proj", (576, 1536)),
+            ("mlp/up_proj", (576, 1536)),
+            ("mlp/down_proj", (1536, 576)),
+        ]  # fmt: skip
+    },
+    **{f"layers/{i}/attn_norm/scale": (576,) for i in range(2)},
+}
+
+
+def test_check_against_model_accepts_a_fitting_config():
+    C.check_against_model(C.ExperimentConfig(method="qlora", lora=C.LoraConfig(rank=192)), LLAMA_SHAPES)
+    C.check_against_model(C.ExperimentConfig(method="base", lora=C.LoraConfig(rank=4096)), LLAMA_SHAPES)
+
+
+def test_check_against_model_names_the_path_and_the_largest_rank():
+    cfg = C.ExperimentConfig(lora=C.LoraConfig(rank=256))
+    match = (
+        r"lora\.rank=256 is too large for 4 of the 14 .*layers/0/attn/k_proj/kernel \(576, 192\) allows at most "
+        r"rank 192.*the largest rank every target allows is 192"
+    )
+    with pytest.raises(ConfigError, match=match):
+        C.check_against_model(cfg, LLAMA_SHAPES)
+
+
+def test_check_against_model_targets_and_blocks():
+    with pytest.raises(ConfigError, match=r"lora\.targets: '.*qproj/kernel' matches no parameter.*\n.*q_proj/kernel"):
+        C.check_against_model(
+            C.ExperimentConfig(lora=C.LoraConfig(targets=r"layers/\d+/attn/qproj/kernel")), LLAMA_SHAPES
+        )
+    with pytest.raises(ConfigError, match=r"lora\.targets: '.*' matches final_norm/scale of shape \(576,\)"):
+        C.check_against_model(C.ExperimentConfig(lora=C.LoraConfig(targets="final_norm/scale")), LLAMA_SHAPES)
+    odd = {**LLAMA_SHAPES, "layers/0/mlp/down_proj/kernel": (1540, 576)}
+    cfg = C.ExperimentConfig(method="qlora", quant=C.QuantConfig(block_size=32))
+    C.check_against_model(cfg, LLAMA_SHAPES)
+    match = r"quant\.block_size=32 does not divide d_in \(axis 0\) of 1 of the 14 .* layers/0/mlp/down_proj.*: none"
+    with pytest.raises(ConfigError, match=match):
+        C.check_against_model(cfg, odd)
+    with pytest.raises(ConfigError, match=r"block sizes that divide all: 32, 64;"):  # 576 = 9 * 64
+        C.check_against_model(dataclasses.replace(cfg, quant=C.QuantConfig(block_size=128)), LLAMA_SHAPES)
+    C.check_against_model(dataclasses.replace(cfg, quant=C.QuantConfig(block_size=0)), odd)
