@@ -1,5 +1,8 @@
 """lora-jax: LoRA and QLoRA as pure transformations of JAX parameter pytrees.
 
+Submodules load on first use, so tools that only read stored results
+(``lora_jax.plots``) never import JAX.
+
 Examples:
   >>> import jax, jax.numpy as jnp, optax
   >>> import lora_jax as lj
@@ -12,21 +15,34 @@ Examples:
   (3, 8)
 """
 
-from lora_jax import lora, optim, paths, train
-from lora_jax.lora import LoraRule, LoraWeight, merge, unmerge
-from lora_jax.paths import combine, split
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LoraRule",
-    "LoraWeight",
-    "combine",
-    "lora",
-    "merge",
-    "optim",
-    "paths",
-    "split",
-    "train",
-    "unmerge",
-]
+_SUBMODULES = ("checkpoint", "config", "flax_adapt", "generate", "lora", "metrics", "models", "optim", "paths",
+               "plots", "quant", "sweep", "train", "data")
+_NAMES = {
+    "LoraRule": "lora",
+    "LoraWeight": "lora",
+    "merge": "lora",
+    "unmerge": "lora",
+    "split": "paths",
+    "combine": "paths",
+    "QTensor": "quant",
+    "QuantRule": "quant",
+    "quantize": "quant",
+}
+
+__all__ = sorted(set(_SUBMODULES) | set(_NAMES))
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"lora_jax.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"lora_jax.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
