@@ -102,6 +102,7 @@ class LoraWeight:
     lora_a: Any
     lora_b: Any
     scale: float = 1.0
+    __array_ufunc__ = None  # numpy defers ``ndarray @ node`` to ``node.__rmatmul__``
     in_ndim: int = 1
     dropout: float = 0.0
     dropout_key: Any = None
