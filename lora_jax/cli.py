@@ -1,0 +1,168 @@
+"""The ``lora-jax`` command.
+
+    lora-jax sweep CONFIG [--set key=value ...] [--quiet]   run (or resume) every run of a sweep
+    lora-jax train CONFIG [--set ...]                        one run (the config without its sweep)
+    lora-jax plan CONFIG [--set ...]                         counts, bytes and XLA cost per run, no training
+    lora-jax eval CONFIG [--adapter DIR]                     evaluate the base (or an adapter) on the task
+    lora-jax generate --model NAME --prompt TEXT [--adapter DIR[:W]] ...
+    lora-jax plot RUNS_DIR                                   figures from stored results only
+    lora-jax models                                          the embedded models and whether installed
+
+Heavy modules load inside each subcommand, so ``plot`` never imports JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set lora.rank=16 (repeatable)")
+
+
+def cmd_sweep(a) -> int:
+    from lora_jax import sweep
+
+    out = sweep.run_sweep(a.config, a.overrides, quiet=a.quiet, output_dir=a.output_dir)
+    print(f"results: {out / 'results.csv'}\nfigures: {out / 'figures'}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from pathlib import Path
+
+    from lora_jax import config, sweep
+
+    cfg = config.load_config(a.config, a.overrides)
+    run_dir = Path(a.output_dir or cfg.output_dir) / cfg.name / (a.run_name or "run")
+    s = sweep.run_one(a.run_name or "run", cfg, run_dir, quiet=a.quiet)
+    print(json.dumps({k: v for k, v in s.items() if k not in ("samples", "data", "versions")}, indent=1,
+                     default=str))
+    return 0 if s.get("status") == "finished" else 1
+
+
+def cmd_plan(a) -> int:
+    from lora_jax import plan
+
+    rows = plan.plan(a.config, a.overrides, compile_cost=not a.no_compile)
+    print(plan.format_table(rows))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from lora_jax import config, sweep
+
+    cfg = config.load_config(a.config, a.overrides)
+    model = sweep.load_model(cfg.model)
+    ctx = sweep._prepare(dataclasses.replace(cfg, method="base"), model)
+    params = model.params
+    if a.adapter:
+        from lora_jax import adapters
+
+        params = adapters.load(a.adapter, params)
+    out = sweep.evaluate(ctx, params)
+    print(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from lora_jax import generate
+    from lora_jax.models import registry
+
+    params, cfg, tok = registry.load_model(a.model, dequantize=not a.quantized)
+    if a.adapter:
+        from lora_jax import adapters
+
+        specs = [adapters.parse_adapter_spec(s) for s in a.adapter]
+        params = adapters.combine_adapters(params, specs)
+    import jax
+
+    texts = generate.generate_text(params, cfg, tok, [[{"role": "user", "content": p}] for p in a.prompt],
+                                   chat=not a.raw, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                   top_p=a.top_p, key=jax.random.key(a.seed))
+    for t in texts:
+        print(t)
+    return 0
+
+
+def cmd_plot(a) -> int:
+    from lora_jax import plots
+
+    for p in plots.make_all(a.runs_dir):
+        print(p)
+    return 0
+
+
+def cmd_models(a) -> int:
+    from lora_jax.models import registry
+
+    print(json.dumps(registry.list_models(), indent=1, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lora-jax", description="LoRA / QLoRA experiments in JAX")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sweep", help="run or resume every run of a config's sweep")
+    _add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
+    p.add_argument("--output-dir", help="where runs go (default: the config's output_dir)")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("train", help="train one run: the config without its sweep block")
+    _add_config_args(p)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--output-dir")
+    p.add_argument("--run-name", help="folder name of the run (default 'run')")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("plan", help="parameter counts, base bytes, XLA FLOPs and memory per run; trains nothing")
+    _add_config_args(p)
+    p.add_argument("--no-compile", action="store_true", help="skip XLA's compiled cost and memory analysis")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("eval", help="evaluate the base model, or base + adapter, on the config's task")
+    _add_config_args(p)
+    p.add_argument("--adapter", help="adapter folder (ours or PEFT format)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text from a model (+ adapters)")
+    p.add_argument("--model", default="smollm2-135m", help="registered name or local path")
+    p.add_argument("--prompt", action="append", required=True, help="a user message (repeatable: a batch)")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]",
+                   help="adapter folder, optionally with a weight; repeat to combine adapters linearly")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="prompt is raw text, not a chat message")
+    p.add_argument("--quantized", action="store_true", help="keep GGUF blocks quantized (int4/int8 leaves)")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("plot", help="regenerate the figures of a sweep from its stored files")
+    p.add_argument("runs_dir", help="runs/<sweep>")
+    p.set_defaults(fn=cmd_plot)
+
+    p = sub.add_parser("models", help="list the embedded models")
+    p.set_defaults(fn=cmd_models)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        # Config and input errors: one clear line, no traceback.
+        print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
