@@ -1,8 +1,9 @@
-"""Train-step benchmark: LoRA vs full fine-tuning on the SmolLM2-135M shape.
+"""Train-step benchmark: LoRA vs full fine-tuning vs QLoRA on the SmolLM2-135M shape.
 
 Prints one JSON object. Timings are medians over interleaved repetitions
-(LoRA, full, matmul, LoRA, full, matmul, ...) measured in this one process, so
-the ratios compare like with like on a noisy shared machine.
+(LoRA, full, QLoRA, matmul, LoRA, full, QLoRA, matmul, ...) measured in this one
+process, so the ratios compare like with like on a noisy shared machine. Peak
+memory is measured per mode in a separate process.
 
     python experiments/benchmarks/train_step.py            # full-size run
     python experiments/benchmarks/train_step.py --tiny     # smoke run (seconds)
@@ -13,7 +14,15 @@ Keys:
   matmul_gflops              fp32 matmul throughput measured in the same run
   lora_model_gflop           model FLOPs of one LoRA step (analytic; see flops())
   lora_mfu                   lora_model_gflop / lora_step_s / matmul_gflops
+  matmul_gflops_model_shapes fp32 matmul throughput on the forward matmuls of this model
+                             ((tokens x d_in) @ (d_in x d_out) for the seven projections
+                             and the output head, weighted by their FLOPs), same run
+  lora_mfu_model_shapes      lora_model_gflop / lora_step_s / matmul_gflops_model_shapes
   xla_lora_gflop             XLA's own cost analysis of the compiled step, for comparison
+  qlora_step_s, qlora_over_lora   NF4 + double quantization, block 64, all seven projections
+  base_bits_per_param        storage of the quantized matrices (codes + scales)
+  lora_peak_rss_mb, qlora_peak_rss_mb, full_peak_rss_mb   each mode in its own process
+  qlora_rss_saving_fraction  (lora - qlora peak RSS) / (fp32 - packed bytes of the quantized matrices)
 """
 
 from __future__ import annotations
@@ -64,10 +73,36 @@ def flops(cfg: llama.LlamaConfig, n_tokens: int, seq_len: int, rank: int, mode: 
     return 2 * w + 3 * attn + 3 * adapter
 
 
+QUANT = dict(format="nf4", block_size=64, double_quant=True)
+
+
+def init_quantized(cfg) -> dict:
+    """Random weights with the seven projections quantized as they are drawn.
+
+    The fp32 copy of one matrix exists at a time, so the process's peak memory
+    reflects the 4-bit storage rather than an fp32 model quantized afterwards.
+    """
+    import re
+
+    from lora_jax import quant
+
+    shapes = jax.eval_shape(lambda: llama.init(jax.random.key(0), cfg))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    out = []
+    for i, (path, sds) in enumerate(flat):
+        w = (0.02 * jax.random.normal(jax.random.fold_in(jax.random.key(0), i), sds.shape)).astype(sds.dtype)
+        if sds.shape == (cfg.dim,):
+            w = jnp.ones(sds.shape, sds.dtype)
+        if re.fullmatch(ALL_SEVEN, lj.paths.path_str(path)):
+            w = quant.quantize_weight(w, **QUANT)
+        out.append(w)
+    return treedef.unflatten(out)
+
+
 def build(mode: str, cfg, rank: int, batch: int, seq: int):
-    """Return (step_fn, state, batch) for mode 'lora' or 'full'."""
-    params = llama.init(jax.random.key(0), cfg)
-    if mode == "lora":
+    """Return (step_fn, state, batch) for mode 'lora', 'qlora' or 'full'."""
+    params = init_quantized(cfg) if mode == "qlora" else llama.init(jax.random.key(0), cfg)
+    if mode in ("lora", "qlora"):
         params = lj.lora.init(jax.random.key(1), params, [lj.LoraRule(pattern=ALL_SEVEN, rank=rank, alpha=2 * rank)])
         trainable = lj.paths.is_trainable_leaf
     else:
@@ -111,7 +146,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10, help="interleaved repetitions after warm-up")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
-    ap.add_argument("--rss-only", choices=["lora", "full"], help=argparse.SUPPRESS)
+    ap.add_argument("--rss-only", choices=["lora", "full", "qlora"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_only:
         rss_only(args.rss_only, args)
@@ -123,10 +158,26 @@ def main(argv=None) -> dict:
     a = jax.random.normal(jax.random.key(5), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(6), (n, n), jnp.float32)
     mm = jax.jit(lambda x, y: x @ y)
+    c = cfg
+    shape_mult = [((c.dim, c.q_dim), 1), ((c.dim, c.kv_dim), 2), ((c.q_dim, c.dim), 1), ((c.dim, c.ffn_dim), 2),
+                  ((c.ffn_dim, c.dim), 1)]
+    shape_mult = [((k, nn), m * c.n_layers) for (k, nn), m in shape_mult] + [((c.dim, c.vocab_size), 1)]
+    model_mats = [(jax.random.normal(jax.random.key(7), (n_tok, k)), jax.random.normal(jax.random.key(8), (k, nn)), m)
+                  for (k, nn), m in shape_mult]
+
+    def model_shape_seconds():
+        """Seconds for one pass over the model's forward matmuls (best of 3 per shape)."""
+        total = 0.0
+        for x, w, m in model_mats:
+            total += m * min(timed(lambda: mm(x, w))[0] for _ in range(3))
+        return total
+
+    model_flop = sum(2.0 * n_tok * w.shape[0] * w.shape[1] * m for _, w, m in model_mats)
 
     runs = {}
     compile_s = {}
-    for mode in ("lora", "full"):
+    modes = ("lora", "full", "qlora")
+    for mode in modes:
         step, state, batch = build(mode, cfg, args.rank, args.batch, args.seq)
         t, (state, _) = timed(lambda: step(state, batch))  # compile + first step
         compile_s[mode] = t
@@ -137,20 +188,29 @@ def main(argv=None) -> dict:
     cost = cost[0] if isinstance(cost, list) else cost
     timed(lambda: mm(a, b))
 
-    times = {"lora": [], "full": [], "matmul": []}
+    times = {m: [] for m in (*modes, "matmul", "model_matmuls")}
     for _ in range(args.reps + 1):  # first round is warm-up
-        for mode in ("lora", "full"):
+        for mode in modes:
             step, state, batch = runs[mode]
             t, (state, metrics) = timed(lambda: step(state, batch))
             runs[mode][1] = state
             times[mode].append(t)
         times["matmul"].append(min(timed(lambda: mm(a, b))[0] for _ in range(3)))
+        times["model_matmuls"].append(model_shape_seconds())
     times = {k: v[1:] for k, v in times.items()}
 
     lora_s = statistics.median(times["lora"])
     full_s = statistics.median(times["full"])
     ratio = statistics.median(x / y for x, y in zip(times["lora"], times["full"]))
+    qlora_s = statistics.median(times["qlora"])
+    q_ratio = statistics.median(x / y for x, y in zip(times["qlora"], times["lora"]))
+    from lora_jax import quant
+
+    quantized = [x.base for _, x in lj.lora.nodes(runs["qlora"][1].params)]
+    qfp = quant.footprint(quantized)
+    fp32_bytes = 4 * qfp.n_params
     gflops = statistics.median(2 * n**3 / t for t in times["matmul"]) / 1e9
+    model_gflops = statistics.median(model_flop / t for t in times["model_matmuls"]) / 1e9
     lora_gflop = flops(cfg, n_tok, args.seq, args.rank, "lora") / 1e9
     full_gflop = flops(cfg, n_tok, args.seq, args.rank, "full") / 1e9
     result = {
@@ -166,8 +226,16 @@ def main(argv=None) -> dict:
         "lora_model_gflop": round(lora_gflop, 2),
         "full_model_gflop": round(full_gflop, 2),
         "lora_mfu": round(lora_gflop / lora_s / gflops, 4),
+        "matmul_gflops_model_shapes": round(model_gflops, 1),
+        "lora_mfu_model_shapes": round(lora_gflop / lora_s / model_gflops, 4),
         "full_mfu": round(full_gflop / full_s / gflops, 4),
         "xla_lora_gflop": round(float(cost.get("flops", float("nan"))) / 1e9, 2),
+        "qlora_step_s": round(qlora_s, 4),
+        "qlora_over_lora": round(q_ratio, 4),
+        "base_bits_per_param": qfp.bits_per_param,
+        "quantized_params": qfp.n_params,
+        "quantized_fp32_mb": round(fp32_bytes / 2**20, 1),
+        "quantized_packed_mb": round(qfp.nbytes / 2**20, 1),
         "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
         "trainable_params": lj.lora.count(runs["lora"][1].params).trainable,
         "jax": jax.__version__,
@@ -178,6 +246,9 @@ def main(argv=None) -> dict:
     if not args.no_rss:
         result["lora_peak_rss_mb"] = round(peak_rss("lora", args), 1)
         result["full_peak_rss_mb"] = round(peak_rss("full", args), 1)
+        result["qlora_peak_rss_mb"] = round(peak_rss("qlora", args), 1)
+        saved = result["lora_peak_rss_mb"] - result["qlora_peak_rss_mb"]
+        result["qlora_rss_saving_fraction"] = round(saved / ((fp32_bytes - qfp.nbytes) / 2**20), 3)
     print(json.dumps(result, indent=1))
     return result
 
