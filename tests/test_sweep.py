@@ -1,0 +1,157 @@
+"""The runner end to end on a tiny GGUF model: results, resume after SIGKILL, failures, plots."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny_models import write_tiny_chat_gguf
+
+from lora_jax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return write_tiny_chat_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+def write_config(path: Path, model: Path, **over) -> Path:
+    cfg = {
+        "name": "t",
+        "seed": 0,
+        "method": "lora",
+        "model": {"name": str(model)},
+        "task": {"name": "python-docs-lm", "max_len": 64, "n_train": 64, "n_val": 8},
+        "lora": {"rank": 2, "alpha": 4},
+        "optim": {"name": "adamw", "lr": 3e-3},
+        "train": {"steps": 12, "batch_size": 4, "log_every": 1, "checkpoint_every": 4, "eval_batches": 2},
+    }
+    for k, v in over.items():
+        node = cfg
+        *head, last = k.split(".")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = v
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "lora_jax.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_runs_results_and_figures(tmp_path, tiny_gguf):
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf, sweep={"method": ["base", "lora"], "lora.rank": [1, 2]})
+    out = tmp_path / "runs"
+    assert cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out)]) == 0
+    rows = read_csv(out / "t" / "results.csv")
+    assert [r["run"] for r in rows] == ["base", "lora_r1", "lora_r2"]
+    assert all(r["status"] == "finished" for r in rows)
+    assert int(rows[2]["trainable_params"]) == 2 * int(rows[1]["trainable_params"])
+    run = out / "t" / "lora_r2"
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/lora_jax_adapter.json"):
+        assert (run / f).exists(), f
+    assert not (run / "ckpt").exists()  # checkpoints go once a run is finished
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    summary = json.loads((run / "summary.json").read_text())
+    for k in ("val_loss", "trainable_params", "base_bytes", "peak_rss_mb", "wall_s", "seed", "versions",
+              "git_commit", "config_hash"):
+        assert k in summary, k
+    assert summary["data"]["dataset_hash"]
+    assert (out / "t" / "figures" / "val_loss_vs_rank.pdf").exists()
+    # A second invocation skips the finished runs.
+    mtime = (run / "summary.json").stat().st_mtime_ns
+    assert cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out)]) == 0
+    assert (run / "summary.json").stat().st_mtime_ns == mtime
+
+
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_gguf):
+    over = {"train.steps": 240, "train.checkpoint_every": 20, "lora.dropout": 0.1}
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf, **over)
+    ref = run_cli("train", str(cfg), "--quiet", "--output-dir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    ref_summary = json.loads((tmp_path / "ref" / "t" / "run" / "summary.json").read_text())
+
+    out = tmp_path / "killed"
+    metrics = out / "t" / "run" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "lora_jax.cli", "train", str(cfg), "--quiet", "--output-dir",
+                             str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            if len(lines) >= 30:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = len(lines)
+                break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed_at is not None, "the run finished before it could be killed; make it longer"
+    assert not (out / "t" / "run" / "summary.json").exists()
+    assert (out / "t" / "run" / "ckpt").exists()
+
+    again = run_cli("train", str(cfg), "--quiet", "--output-dir", str(out))
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((out / "t" / "run" / "summary.json").read_text())
+    for k in ("train_loss", "val_loss"):
+        assert summary[k] == pytest.approx(ref_summary[k], rel=1e-6), k
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 241)), "each step logged exactly once after the resume"
+
+
+def test_a_diverging_run_is_marked_failed_and_the_sweep_goes_on(tmp_path, tiny_gguf):
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf, **{"optim.grad_clip": None, "optim.name": "sgd"},
+                       sweep={"optim.lr": [1e30, 1e-3]})
+    out = tmp_path / "runs"
+    assert cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out)]) == 0
+    rows = read_csv(out / "t" / "results.csv")
+    assert [r["status"] for r in rows] == ["failed", "finished"]
+    assert "loss became" in rows[0]["reason"]
+
+
+def test_plots_come_from_stored_files_in_a_process_without_training_code(tmp_path, tiny_gguf):
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf, sweep={"lora.rank": [1, 2]})
+    out = tmp_path / "runs"
+    assert cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out)]) == 0
+    figures = out / "t" / "figures"
+    for f in figures.iterdir():
+        f.unlink()
+    code = (
+        "import sys; from lora_jax import plots; files = plots.make_all(sys.argv[1]); "
+        "bad = [m for m in sys.modules if m == 'jax' or m in ('lora_jax.train', 'lora_jax.sweep', 'lora_jax.lora')]; "
+        "assert not bad, bad; print(len(files))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(out / "t")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) >= 4 and (figures / "loss_curves.png").exists()
+
+
+def test_config_errors_are_one_clear_line(tmp_path, tiny_gguf, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf, **{"lora.rnak": 4})
+    assert cli.main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "lora.rnak" in err and "did you mean" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sub", ["sweep", "train", "plan", "eval", "generate", "plot", "models"])
+def test_every_subcommand_has_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([sub, "--help"])
+    assert e.value.code == 0
+    assert "usage: lora-jax" in capsys.readouterr().out
