@@ -16,6 +16,9 @@ def python_blocks(section: str) -> list[str]:
 def test_compose_section_runs(capsys):
     blocks = python_blocks("Compose LoRA in your research code")
     assert blocks, "the section lost its code block"
-    for code in blocks:
-        exec(compile(code, str(README), "exec"), {})
-    assert "ParamCount(trainable=" in capsys.readouterr().out
+    namespace: dict = {}
+    for code in blocks:  # later blocks build on earlier ones, as in a notebook
+        exec(compile(code, str(README), "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "ParamCount(trainable=" in out
+    assert "QTensor 4.126953125" in out
