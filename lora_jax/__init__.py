@@ -19,7 +19,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("checkpoint", "config", "flax_adapt", "generate", "lora", "metrics", "models", "optim", "paths",
+_SUBMODULES = ("adapters", "checkpoint", "config", "flax_adapt", "generate", "lora", "metrics", "models", "optim", "paths",
                "plots", "quant", "sweep", "train", "data")
 _NAMES = {
     "LoraRule": "lora",
