@@ -19,8 +19,8 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("adapters", "checkpoint", "config", "flax_adapt", "generate", "lora", "metrics", "models", "optim", "paths",
-               "plots", "quant", "sweep", "train", "data")
+_SUBMODULES = ("adapters", "checkpoint", "config", "data", "flax_adapt", "generate", "lora", "metrics", "models",
+               "optim", "paths", "plan", "plots", "quant", "sweep", "train")
 _NAMES = {
     "LoraRule": "lora",
     "LoraWeight": "lora",

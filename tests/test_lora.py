@@ -56,7 +56,7 @@ def test_merged_equals_unmerged_and_unmerge_inverts(model):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
     trainable, _ = lj.split(adapted)
     back = lj.unmerge(merged, trainable)
-    for (p, a), (_, b) in zip(lora.nodes(adapted), lora.nodes(back)):
+    for (_, a), (_, b) in zip(lora.nodes(adapted), lora.nodes(back)):
         np.testing.assert_allclose(b.base, a.base, rtol=0, atol=2e-7 * float(jnp.max(jnp.abs(a.base))) + 1e-7)
         assert b.lora_a is a.lora_a and b.scale == a.scale
 

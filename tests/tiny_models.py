@@ -74,7 +74,8 @@ def write_gguf(path, params, cfg, *, tokens, token_types, merges=(), bos_id=0, e
                 m = permute_for_gguf(m, cfg.n_heads if ours == "q_proj" else cfg.n_kv_heads)
             put(f"blk.{i}.{theirs}.weight", m, qtypes.get(theirs, "F32"))
         for n in ("gate", "up", "down"):
-            put(f"blk.{i}.ffn_{n}.weight", np.asarray(lp["mlp"][f"{n}_proj"]["kernel"]).T, qtypes.get(f"ffn_{n}", "F32"))
+            kernel = np.asarray(lp["mlp"][f"{n}_proj"]["kernel"]).T
+            put(f"blk.{i}.ffn_{n}.weight", kernel, qtypes.get(f"ffn_{n}", "F32"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

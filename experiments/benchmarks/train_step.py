@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
         """Seconds for one pass over the model's forward matmuls (best of 3 per shape)."""
         total = 0.0
         for x, w, m in model_mats:
-            total += m * min(timed(lambda: mm(x, w))[0] for _ in range(3))
+            total += m * min(timed(lambda x=x, w=w: mm(x, w))[0] for _ in range(3))
         return total
 
     model_flop = sum(2.0 * n_tok * w.shape[0] * w.shape[1] * m for _, w, m in model_mats)
@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
     modes = ("lora", "full", "qlora")
     for mode in modes:
         step, state, batch = build(mode, cfg, args.rank, args.batch, args.seq)
-        t, (state, _) = timed(lambda: step(state, batch))  # compile + first step
+        t, (state, _) = timed(lambda step=step, state=state, batch=batch: step(state, batch))  # compile + first step
         compile_s[mode] = t
         runs[mode] = [step, state, batch]
     cost = runs["lora"][0].compiled.lower(
@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
     for _ in range(args.reps + 1):  # first round is warm-up
         for mode in modes:
             step, state, batch = runs[mode]
-            t, (state, metrics) = timed(lambda: step(state, batch))
+            t, (state, metrics) = timed(lambda step=step, state=state, batch=batch: step(state, batch))
             runs[mode][1] = state
             times[mode].append(t)
         times["matmul"].append(min(timed(lambda: mm(a, b))[0] for _ in range(3)))

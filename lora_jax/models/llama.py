@@ -59,7 +59,9 @@ class LlamaConfig:
             )
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                raise ValueError(f"LlamaConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
+                raise ValueError(
+                    f"LlamaConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim"
+                )
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
@@ -211,7 +213,8 @@ def hidden_states(
     x_BTD = params["embed"][tokens_BT]
 
     def layer(x_BTD, lp):
-        x_BTD = x_BTD + attention(lp["attn"], rms_norm(x_BTD, lp["attn_norm"]["scale"], c.rms_eps), cos, sin, mask_BTS, c)
+        h_BTD = rms_norm(x_BTD, lp["attn_norm"]["scale"], c.rms_eps)
+        x_BTD = x_BTD + attention(lp["attn"], h_BTD, cos, sin, mask_BTS, c)
         return x_BTD + mlp(lp["mlp"], rms_norm(x_BTD, lp["mlp_norm"]["scale"], c.rms_eps))
 
     if remat:
