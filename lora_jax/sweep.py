@@ -64,6 +64,27 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since the last :func:`reset_peak_rss` (else since the process began)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -340,6 +361,7 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", _config.to_yaml(cfg))
     t0 = time.time()
+    rss_is_per_run = reset_peak_rss()
     model = load_model(cfg.model)
     ctx = _prepare(cfg, model)
     from lora_jax import quant
@@ -371,7 +393,8 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
         "trainable_params": trainable, "total_params": counts.total,
         "base_bytes": base_fp.nbytes, "base_bits_per_param": round(base_fp.bits_per_param, 4),
         "params_bytes": fp.nbytes,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_scope": "run" if rss_is_per_run else "process",
         "wall_s": time.time() - t0, **ev, "samples": samples,
         "config_hash": chash, "data": ctx.info, "versions": _versions(), "git_commit": _git_commit(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].platform}",
