@@ -954,7 +954,9 @@ def _axes(raw: Mapping[str, Any]) -> tuple[dict[str, list[Any]], str]:
             errors.append(f"sweep.{axis}: {where}{_hint(str(axis), [k for k in _LEAVES if k != 'name'])}")
         elif not isinstance(values, list) or not values:
             errors.append(f"sweep.{axis}: expected a non-empty list of values, got {_show(values)}")
-        elif len({repr(v) for v in values}) < len(values):
+        elif mode == "grid" and len({repr(v) for v in values}) < len(values):
+            # In a grid a repeated value only repeats runs; in zip mode the
+            # positions pair up with the other axes, so repeats are meaningful.
             errors.append(f"sweep.{axis}: a value is listed twice ({values!r})")
     if not errors and mode == "zip" and len({len(v) for v in sweep.values()}) > 1:
         lengths = ", ".join(f"{k}: {len(v)}" for k, v in sweep.items())

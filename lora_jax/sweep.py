@@ -19,6 +19,7 @@ step, so the resumed run computes what an uninterrupted one would have.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -85,11 +86,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
+    """The commit of the code this process runs (read once), with ``+dirty`` for local changes."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=here)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -424,6 +431,7 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
     Returns:
       The sweep folder ``<output_dir>/<name>``.
     """
+    _git_commit()  # record the code as it was when the sweep started
     runs = _config.load_sweep(config_path, overrides)
     first = runs[0][1]
     sweep_dir = Path(output_dir or first.output_dir) / first.name

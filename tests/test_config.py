@@ -386,3 +386,10 @@ def test_check_against_model_targets_and_blocks():
     with pytest.raises(ConfigError, match=r"block sizes that divide all: 32, 64;"):  # 576 = 9 * 64
         C.check_against_model(dataclasses.replace(cfg, quant=C.QuantConfig(block_size=128)), LLAMA_SHAPES)
     C.check_against_model(dataclasses.replace(cfg, quant=C.QuantConfig(block_size=0)), odd)
+
+
+def test_zip_sweeps_may_repeat_a_value_within_an_axis():
+    runs = C.expand_sweep({"sweep_mode": "zip", "sweep": {"seed": [0, 0, 1, 1], "lora.rank": [4, 8, 4, 8]}})
+    assert sorted((c.seed, c.lora.rank) for _, c in runs) == [(0, 4), (0, 8), (1, 4), (1, 8)]
+    with pytest.raises(ConfigError, match="listed twice"):
+        C.expand_sweep({"sweep": {"seed": [0, 0]}})
