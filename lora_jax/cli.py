@@ -82,8 +82,8 @@ def cmd_generate(a) -> int:
         params = adapters.combine_adapters(params, specs)
     import jax
 
-    texts = generate.generate_text(params, cfg, tok, [[{"role": "user", "content": p}] for p in a.prompt],
-                                   chat=not a.raw, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+    prompts = a.prompt if a.raw else [[{"role": "user", "content": p}] for p in a.prompt]
+    texts = generate.generate_text(params, cfg, tok, prompts, chat=not a.raw, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                    top_p=a.top_p, key=jax.random.key(a.seed))
     for t in texts:
         print(t)
