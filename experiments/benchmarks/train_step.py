@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import optax
 
 import lora_jax as lj
 from lora_jax.models import llama
+from lora_jax.sweep import peak_rss_mb
 
 ALL_SEVEN = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
 
@@ -128,7 +128,9 @@ def rss_only(mode: str, args) -> None:
     for _ in range(2):
         state, m = step(state, batch)
         jax.block_until_ready(m)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not ru_maxrss: a child started by fork + exec inherits the parent's
+    # ru_maxrss, so every mode would report the parent's peak.
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
 
 
 def peak_rss(mode: str, args) -> float:
