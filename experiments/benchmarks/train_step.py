@@ -21,8 +21,10 @@ Keys:
   xla_lora_gflop             XLA's own cost analysis of the compiled step, for comparison
   qlora_step_s, qlora_over_lora   NF4 + double quantization, block 64, all seven projections
   base_bits_per_param        storage of the quantized matrices (codes + scales)
-  lora_peak_rss_mb, qlora_peak_rss_mb, full_peak_rss_mb   each mode in its own process
-  qlora_rss_saving_fraction  (lora - qlora peak RSS) / (fp32 - packed bytes of the quantized matrices)
+  <mode>_peak_rss_mb         each mode in its own process, initialisation and compilation included
+  <mode>_step_peak_rss_mb    the same process, steady-state train steps only
+  qlora_peak_rss_saving_fraction, qlora_step_peak_rss_saving_fraction
+                             (lora - qlora) / (fp32 - packed bytes of the quantized matrices)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import optax
 
 import lora_jax as lj
 from lora_jax.models import llama
-from lora_jax.sweep import peak_rss_mb
+from lora_jax.sweep import peak_rss_mb, reset_peak_rss
 
 ALL_SEVEN = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
 
@@ -122,22 +124,31 @@ def timed(fn):
 
 
 def rss_only(mode: str, args) -> None:
-    """Run in a child process: build, run two steps, print peak RSS in MB."""
+    """Run in a child process: build, compile, run steps; print peak RSS in MB.
+
+    ``peak_rss_mb`` covers the whole process (initialisation and XLA compilation
+    included); ``step_peak_rss_mb`` only the steady state: the high-water mark is
+    reset after the first (compiling) step and read after two more.
+    """
     cfg = model_config(args.tiny)
     step, state, batch = build(mode, cfg, args.rank, args.batch, args.seq)
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    whole = peak_rss_mb()
+    reset_peak_rss()
     for _ in range(2):
         state, m = step(state, batch)
         jax.block_until_ready(m)
     # VmHWM, not ru_maxrss: a child started by fork + exec inherits the parent's
     # ru_maxrss, so every mode would report the parent's peak.
-    print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({"peak_rss_mb": max(whole, peak_rss_mb()), "step_peak_rss_mb": peak_rss_mb()}))
 
 
-def peak_rss(mode: str, args) -> float:
+def peak_rss(mode: str, args) -> dict:
     cmd = [sys.executable, __file__, "--rss-only", mode, "--rank", str(args.rank),
            "--batch", str(args.batch), "--seq", str(args.seq)] + (["--tiny"] if args.tiny else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None) -> dict:
@@ -246,11 +257,14 @@ def main(argv=None) -> dict:
         "numpy": np.__version__,
     }
     if not args.no_rss:
-        result["lora_peak_rss_mb"] = round(peak_rss("lora", args), 1)
-        result["full_peak_rss_mb"] = round(peak_rss("full", args), 1)
-        result["qlora_peak_rss_mb"] = round(peak_rss("qlora", args), 1)
-        saved = result["lora_peak_rss_mb"] - result["qlora_peak_rss_mb"]
-        result["qlora_rss_saving_fraction"] = round(saved / ((fp32_bytes - qfp.nbytes) / 2**20), 3)
+        rss = {mode: peak_rss(mode, args) for mode in modes}
+        target = (fp32_bytes - qfp.nbytes) / 2**20
+        for mode in modes:
+            result[f"{mode}_peak_rss_mb"] = round(rss[mode]["peak_rss_mb"], 1)
+            result[f"{mode}_step_peak_rss_mb"] = round(rss[mode]["step_peak_rss_mb"], 1)
+        for key in ("peak_rss_mb", "step_peak_rss_mb"):
+            saved = rss["lora"][key] - rss["qlora"][key]
+            result[f"qlora_{key.replace('_mb', '')}_saving_fraction"] = round(saved / target, 3)
     print(json.dumps(result, indent=1))
     return result
 
