@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_models
 
 from lora_jax import quant
 from lora_jax.models import llama, load_gguf, registry
@@ -23,66 +24,11 @@ Q = gguf.GGMLQuantizationType
 TINY = llama.LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, rope_theta=5e4)
 
 
-def permute_for_gguf(w_out_in: np.ndarray, n_heads: int) -> np.ndarray:
-    """What llama.cpp's converter does to HF q/k weights (rows are outputs)."""
-    d_out = w_out_in.shape[0]
-    return w_out_in.reshape(n_heads, 2, d_out // n_heads // 2, -1).swapaxes(1, 2).reshape(w_out_in.shape)
-
-
-def write_gguf(path, params, cfg, *, qtypes=None, arch="llama", drop=(), shape_overrides=None, block_count=None):
-    """Write lora-jax Llama params as a llama.cpp-style GGUF (q/k permuted, weights as (out, in))."""
-    qtypes = qtypes or {}
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.n_layers if block_count is None else block_count)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_eps)
-    w.add_vocab_size(cfg.vocab_size)
+def write_gguf(path, params, cfg, **kwargs):
+    """Write ``params`` as a llama.cpp-style GGUF with a small made-up vocabulary."""
     tokens = ["<s>", "</s>", "<pad>", "a", "b", "ab"] + [f"t{i}" for i in range(6, cfg.vocab_size)]
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (cfg.vocab_size - 3))
-    w.add_token_merges(["a b"])
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-
-    def put(name, arr, kind="F32"):
-        if name in drop:
-            return
-        arr = np.ascontiguousarray(np.asarray(arr, np.float32))
-        if shape_overrides and name in shape_overrides:
-            arr = arr.reshape(shape_overrides[name])
-        if kind == "F32":
-            w.add_tensor(name, arr)
-        else:
-            w.add_tensor(name, gguf.quants.quantize(arr, Q[kind]), raw_dtype=Q[kind])
-
-    put("token_embd.weight", params["embed"], qtypes.get("token_embd", "F32"))
-    put("output_norm.weight", params["norm"]["scale"])
-    if "lm_head" in params:
-        put("output.weight", np.asarray(params["lm_head"]).T, qtypes.get("output", "F32"))
-    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
-    for i, lp in enumerate(params["layers"]):
-        put(f"blk.{i}.attn_norm.weight", lp["attn_norm"]["scale"])
-        put(f"blk.{i}.ffn_norm.weight", lp["mlp_norm"]["scale"])
-        for ours, theirs in names.items():
-            m = np.asarray(lp["attn"][ours]["kernel"]).T
-            if ours in ("q_proj", "k_proj"):
-                m = permute_for_gguf(m, cfg.n_heads if ours == "q_proj" else cfg.n_kv_heads)
-            put(f"blk.{i}.{theirs}.weight", m, qtypes.get(theirs, "F32"))
-        for n in ("gate", "up", "down"):
-            put(
-                f"blk.{i}.ffn_{n}.weight", np.asarray(lp["mlp"][f"{n}_proj"]["kernel"]).T, qtypes.get(f"ffn_{n}", "F32")
-            )
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    types = [3, 3, 3] + [1] * (cfg.vocab_size - 3)
+    return tiny_models.write_gguf(path, params, cfg, tokens=tokens, token_types=types, merges=["a b"], **kwargs)
 
 
 @pytest.fixture(scope="module")
