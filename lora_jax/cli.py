@@ -83,8 +83,8 @@ def cmd_generate(a) -> int:
     import jax
 
     prompts = a.prompt if a.raw else [[{"role": "user", "content": p}] for p in a.prompt]
-    texts = generate.generate_text(params, cfg, tok, prompts, chat=not a.raw, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                                   top_p=a.top_p, key=jax.random.key(a.seed))
+    texts = generate.generate_text(params, cfg, tok, prompts, chat=not a.raw, max_new_tokens=a.max_new_tokens,
+                                   temperature=a.temperature, top_p=a.top_p, key=jax.random.key(a.seed))
     for t in texts:
         print(t)
     return 0

@@ -420,8 +420,6 @@ def nnx_lora(model: nnx.Module, rules: Sequence[_lora.LoraRule], *, rngs: nnx.Rn
       >>> bool((model(jnp.ones((1, 4))) == y0).all())
       True
     """
-    if not rules:
-        raise ValueError("nnx_lora needs at least one LoraRule, e.g. [LoraRule(pattern='.*kernel', rank=8)]")
     rngs = _rngs(rngs)
     root_kind = isinstance(model, (*_NNX_LAYERS, LoraLayer))
     edges = _edges(model, (*_NNX_LAYERS, LoraLayer))
@@ -432,7 +430,8 @@ def nnx_lora(model: nnx.Module, rules: Sequence[_lora.LoraRule], *, rngs: nnx.Rn
     for path, layer in layers.items():
         base = layer.base if isinstance(layer, LoraLayer) else layer
         kernels["/".join(map(str, (*path, "kernel")))] = base.kernel[...]
-    assigned = _paths.assign_rules(kernels, rules, what="LoRA rule (over nnx Linear/LinearGeneral/Einsum kernels)")
+    assigned = _paths.assign_rules(kernels, rules, what="LoRA rule (over nnx Linear/LinearGeneral/Einsum kernels)",
+                                   rule_type=_lora.LoraRule, caller="nnx_lora")
     wrapped = {}
     for path, layer in layers.items():
         kpath = "/".join(map(str, (*path, "kernel")))

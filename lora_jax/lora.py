@@ -348,12 +348,8 @@ def init(key: jax.Array, params: PyTree, rules: Sequence[LoraRule]) -> PyTree:
       >>> round(count(params).reduction, 3)
       0.859
     """
-    if not rules:
-        raise ValueError("lora.init needs at least one LoraRule, e.g. [LoraRule(pattern='.*kernel', rank=8)]")
-    for r in rules:
-        if not isinstance(r, LoraRule):
-            raise TypeError(f"rules must be LoraRule instances, got {type(r).__name__}: {r!r}")
-    assigned = _paths.assign_rules(params, rules, is_leaf=is_node, what="LoRA rule")
+    assigned = _paths.assign_rules(params, rules, is_leaf=is_node, what="LoRA rule", rule_type=LoraRule,
+                                   caller="lora.init")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
     out = []
     for i, (p, w) in enumerate(flat):

@@ -84,6 +84,8 @@ def assign_rules(
     *,
     is_leaf: Callable[[Any], bool] | None = None,
     what: str = "rule",
+    rule_type: type | None = None,
+    caller: str = "assign_rules",
 ) -> dict[str, R]:
     """Map each leaf path to the first rule whose pattern fully matches it.
 
@@ -92,6 +94,9 @@ def assign_rules(
       rules: ordered rules, each with a ``pattern`` attribute (a regex).
       is_leaf: passed to the flattening (to stop at LoRA or quantized nodes).
       what: the word used for a rule in error messages.
+      rule_type: when given, every rule must be an instance of it and at least
+        one rule is required.
+      caller: the function named in those two errors.
 
     Returns:
       ``{path: rule}`` for every leaf matched by some rule.
@@ -109,6 +114,13 @@ def assign_rules(
       >>> sorted(assign_rules(tree, [R("q/.*"), R(".*")]).items())
       [('k/kernel', R(pattern='.*')), ('q/kernel', R(pattern='q/.*'))]
     """
+    if rule_type is not None:
+        name = rule_type.__name__
+        if not rules:
+            raise ValueError(f"{caller} needs at least one {name}, e.g. [{name}(pattern='.*kernel', ...)]")
+        for r in rules:
+            if not isinstance(r, rule_type):
+                raise TypeError(f"rules must be {name} instances, got {type(r).__name__}: {r!r}")
     compiled = []
     for rule in rules:
         try:

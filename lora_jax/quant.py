@@ -704,12 +704,8 @@ def quantize(params: PyTree, rules: Sequence[QuantRule]) -> PyTree:
       >>> footprint(q).nbytes  # 4096 B codes, 128 B scale codes, 8 B scale scales, 4 B mean, 256 B bias
       4492
     """
-    if not rules:
-        raise ValueError("quantize needs at least one QuantRule, e.g. [QuantRule(pattern='.*kernel')]")
-    for r in rules:
-        if not isinstance(r, QuantRule):
-            raise TypeError(f"rules must be QuantRule instances, got {type(r).__name__}: {r!r}")
-    assigned = _paths.assign_rules(params, rules, is_leaf=_lora.is_node, what="QuantRule")
+    assigned = _paths.assign_rules(params, rules, is_leaf=_lora.is_node, what="QuantRule", rule_type=QuantRule,
+                                   caller="quantize")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_lora.is_node)
     out = []
     for p, w in flat:
