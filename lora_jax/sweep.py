@@ -316,7 +316,7 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
     kept = _read_jsonl(metrics_path, max_step=start)  # drop lines written after the checkpoint
     atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     sched = make_lr_schedule(cfg.optim, steps)
-    bar = _progress(steps, cfg.name if hasattr(cfg, "name") else "train", quiet, initial=start)
+    bar = _progress(steps, run_dir.name, quiet, initial=start)
     times, losses = [], []
     status = {"status": "finished", "reason": None}
     tok_per_step = cfg.train.batch_size * cfg.task.max_len
