@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,40 +61,14 @@ QUESTIONS = [
 ]
 
 
-def hf_model(params, cfg: llama.LlamaConfig):
-    """transformers' LlamaForCausalLM holding our arrays (torch Linear weight = kernel.T)."""
-    import torch
+def hf_model(params, cfg: llama.LlamaConfig, directory: str):
+    """transformers' LlamaForCausalLM holding our arrays, through the library's merged HF export."""
     import transformers
-    from transformers.models.llama import modeling_llama
 
-    hc = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        rms_norm_eps=cfg.rms_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=True,
-    )
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(hc)
-    sd = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["norm"]["scale"]}
-    for i, lp in enumerate(params["layers"]):
-        pre = f"model.layers.{i}."
-        for n in "qkvo":
-            sd[pre + f"self_attn.{n}_proj.weight"] = lp["attn"][f"{n}_proj"]["kernel"].T
-        for n in ("gate", "up", "down"):
-            sd[pre + f"mlp.{n}_proj.weight"] = lp["mlp"][f"{n}_proj"]["kernel"].T
-        sd[pre + "input_layernorm.weight"] = lp["attn_norm"]["scale"]
-        sd[pre + "post_attention_layernorm.weight"] = lp["mlp_norm"]["scale"]
-    sd = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in sd.items()}
-    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.model.rotary_emb = modeling_llama.LlamaRotaryEmbedding(hc)
-    return model.eval()
+    from lora_jax import checkpoint
+
+    checkpoint.export_merged_hf(directory, params, cfg)
+    return transformers.LlamaForCausalLM.from_pretrained(directory, torch_dtype="float32").eval()
 
 
 def main() -> None:
@@ -119,7 +94,7 @@ def main() -> None:
         load_f.append(time.perf_counter() - t)
 
     chats = [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-    model = hf_model(params, cfg)
+    model = hf_model(params, cfg, tempfile.mkdtemp(prefix="lora_jax_hf_"))
     pad = tok.pad_id
 
     def ours(p, prompts):
