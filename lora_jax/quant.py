@@ -120,6 +120,14 @@ def unpack_nibbles(packed: jax.Array) -> jax.Array:
     return jnp.stack([p & 15, p >> 4], axis=1).reshape(p.shape[0] * 2, *p.shape[1:])
 
 
+@functools.lru_cache(maxsize=None)
+def _pair_table(fmt: str) -> np.ndarray:
+    """``(256, 2)`` float32: the values of the low and high nibble of every byte (4-bit formats)."""
+    values = {"int4": np.arange(16) - 8.0, "int4_asym": np.arange(16.0), "nf4": NF4_VALUES, "fp4": FP4_VALUES}[fmt]
+    b = np.arange(256)
+    return np.stack([values[b & 15], values[b >> 4]], axis=1).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------
 # QTensor
 
@@ -319,8 +327,13 @@ class QTensor:
         """The stored kernel (or its columns ``cols``) as float32 ``(d_in, n)``."""
         d_in = self.stored_shape[0]
         codes = self.codes if cols is None else self.codes[:, cols]
-        nib = unpack_nibbles(codes) if BITS[self.format] == 4 else codes
-        v = self._values(nib)
+        if BITS[self.format] == 4:
+            # One lookup per byte gives both rows' values: fewer ops than unpacking the
+            # nibbles and looking each up (a smaller compiled program per weight).
+            pairs = jnp.asarray(_pair_table(self.format))[codes]  # (d_in/2, n, 2)
+            v = jnp.swapaxes(pairs, 1, 2).reshape(d_in, codes.shape[1])
+        else:
+            v = self._values(codes)
         n = v.shape[1]
         s, off = self._block_params(cols=cols)
         y = v.reshape(d_in // self.block_size, self.block_size, n) * s[:, None, :]
@@ -438,51 +451,73 @@ def _check_block(shape, block_size, fmt, where: str) -> int:
     return bs
 
 
-def _dq_encode(scales: jax.Array):
+def _dq_encode(xp, scales):
     nb, d_out = scales.shape
-    mean = jnp.mean(scales)
+    mean = xp.mean(scales, dtype=np.float32)
     groups = -(-d_out // DQ_BLOCK)
-    c = jnp.pad(scales - mean, ((0, 0), (0, groups * DQ_BLOCK - d_out))).reshape(nb, groups, DQ_BLOCK)
-    s2 = jnp.max(jnp.abs(c), axis=-1) / 127.0
-    inv = jnp.where(s2 > 0, 1.0 / jnp.where(s2 > 0, s2, 1.0), 0.0)
-    codes = jnp.clip(jnp.round(c * inv[..., None]), -127, 127).astype(jnp.int8)
+    c = xp.pad(scales - mean, ((0, 0), (0, groups * DQ_BLOCK - d_out))).reshape(nb, groups, DQ_BLOCK)
+    s2 = xp.max(xp.abs(c), axis=-1) / np.float32(127.0)
+    inv = xp.where(s2 > 0, np.float32(1.0) / xp.where(s2 > 0, s2, np.float32(1.0)), np.float32(0.0))
+    codes = xp.clip(xp.round(c * inv[..., None]), -127, 127).astype(np.int8)
     return codes.reshape(nb, groups * DQ_BLOCK)[:, :d_out], s2, mean
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _encode(w, fmt: str, bs: int, double_quant: bool):
+def _encode_with(xp, w, fmt: str, bs: int, double_quant: bool):
+    """Encode ``w`` with array namespace ``xp``: numpy for concrete weights, jax.numpy under tracing."""
     d_in, d_out = w.shape
-    wb = w.astype(_F32).reshape(d_in // bs, bs, d_out)
+    wb = w.astype(np.float32).reshape(d_in // bs, bs, d_out)
+    one, zero = np.float32(1.0), np.float32(0.0)
     children = {"offsets": None, "scale_scales": None, "scale_mean": None}
     if fmt == "int4_asym":
-        lo = jnp.min(wb, axis=1)
-        scale = (jnp.max(wb, axis=1) - lo) / 15.0
+        lo = xp.min(wb, axis=1)
+        scale = (xp.max(wb, axis=1) - lo) / np.float32(15.0)
         children["offsets"] = lo
     else:
-        scale = jnp.max(jnp.abs(wb), axis=1) / _QMAX[fmt]
+        scale = xp.max(xp.abs(wb), axis=1) / np.float32(_QMAX[fmt])
     if double_quant:
-        sc, s2, mean = _dq_encode(scale)
+        sc, s2, mean = _dq_encode(xp, scale)
         children.update(scales=sc, scale_scales=s2, scale_mean=mean)
-        scale = sc.astype(_F32) * s2[:, jnp.arange(d_out) // DQ_BLOCK] + mean  # encode against what decodes
+        scale = sc.astype(np.float32) * s2[:, xp.arange(d_out) // DQ_BLOCK] + mean  # encode against what decodes
     else:
         children["scales"] = scale
-    inv = jnp.where(scale != 0, 1.0 / jnp.where(scale != 0, scale, 1.0), 0.0)[:, None, :]
+    inv = xp.where(scale != 0, one / xp.where(scale != 0, scale, one), zero)[:, None, :]
     if fmt == "int4_asym":
         y = (wb - children["offsets"][:, None, :]) * inv
-        codes = jnp.clip(jnp.round(y), 0, 15).astype(jnp.uint8)
+        codes = xp.clip(xp.round(y), 0, 15).astype(np.uint8)
     elif fmt in ("int4", "int8"):
         q = _QMAX[fmt]
-        codes = jnp.clip(jnp.round(wb * inv), -q, q)
-        codes = (codes + 8).astype(jnp.uint8) if fmt == "int4" else codes.astype(jnp.int8)
+        codes = xp.clip(xp.round(wb * inv), -q, q)
+        codes = (codes + 8).astype(np.uint8) if fmt == "int4" else codes.astype(np.int8)
     elif fmt == "nf4":
-        codes = jnp.searchsorted(jnp.asarray(_NF4_MID), jnp.clip(wb * inv, -1.0, 1.0)).astype(jnp.uint8)
+        codes = xp.searchsorted(xp.asarray(_NF4_MID), xp.clip(wb * inv, -one, one)).astype(np.uint8)
     else:  # fp4: nearest E2M1 magnitude, sign in bit 3 (never a negative zero)
         y = wb * inv
-        mag = jnp.searchsorted(jnp.asarray(_E2M1_MID), jnp.minimum(jnp.abs(y), 6.0)).astype(jnp.uint8)
-        codes = jnp.where((y < 0) & (mag > 0), mag | 8, mag).astype(jnp.uint8)
+        mag = xp.searchsorted(xp.asarray(_E2M1_MID), xp.minimum(xp.abs(y), np.float32(6.0))).astype(np.uint8)
+        codes = xp.where((y < 0) & (mag > 0), mag | 8, mag).astype(np.uint8)
     codes = codes.reshape(d_in, d_out)
-    children["codes"] = pack_nibbles(codes) if BITS[fmt] == 4 else codes
-    return children, (jnp.sum(jnp.isnan(w)), jnp.sum(jnp.isinf(w)))
+    children["codes"] = codes[0::2] | (codes[1::2] << 4) if BITS[fmt] == 4 else codes
+    return children, (xp.sum(xp.isnan(w)), xp.sum(xp.isinf(w)))
+
+
+_encode_jit = jax.jit(functools.partial(_encode_with, jnp), static_argnums=(1, 2, 3))
+
+
+def _encode(w, fmt: str, bs: int, double_quant: bool):
+    """Quantization codes and scales of a 2-D weight.
+
+    Concrete weights are encoded with numpy on the host: eager quantization then
+    leaves no compiled XLA programs behind (XLA:CPU keeps a few MB resident per
+    compiled program, per weight shape, for the life of the process). Under
+    tracing the same code runs in jax.numpy.
+    """
+    if not _is_concrete(w):
+        return _encode_jit(w, fmt, bs, double_quant)
+    w_np = np.asarray(w)
+    if w_np.dtype not in (np.float32, np.float64, np.float16):
+        w_np = w_np.astype(np.float32)  # bfloat16 and other ml_dtypes
+    children, counts = _encode_with(np, w_np, fmt, bs, double_quant)
+    children = {k: None if v is None else jnp.asarray(v) for k, v in children.items()}
+    return children, counts
 
 
 def _is_concrete(x: Any) -> bool:

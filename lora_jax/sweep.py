@@ -19,7 +19,9 @@ step, so the resumed run computes what an uninterrupted one would have.
 from __future__ import annotations
 
 import csv
+import ctypes
 import functools
+import gc
 import io
 import json
 import math
@@ -65,8 +67,27 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    Memory freed by earlier work (weights staged on the host, a previous run,
+    compilation) otherwise stays resident inside the allocator and inflates the
+    next peak-RSS reading.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux); False where unsupported."""
+    """Reset the kernel's peak-RSS counter of this process (Linux); False where unsupported.
+
+    Freed memory is handed back to the OS first (:func:`release_freed_memory`),
+    so the new peak measures what the following work holds.
+    """
+    release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -462,3 +462,18 @@ def test_nf4_matches_bitsandbytes():
     q = quant.quantize_weight(jnp.asarray(w), "nf4", block_size=64)
     np.testing.assert_array_equal(q.scales, state.absmax.numpy().reshape(96, 4).T)
     np.testing.assert_allclose(q.dequantize(), ref, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("dq", [False, True])
+def test_eager_numpy_encoding_equals_traced_encoding(fmt, dq):
+    """Concrete weights are encoded with numpy, traced ones with jax.numpy: same codes and scales."""
+    w = jax.random.normal(jax.random.key(3), (256, 320)) * 0.05
+    eager = quant.quantize_weight(w, fmt, block_size=64, double_quant=dq)
+    traced = jax.jit(lambda w: quant.quantize_weight(w, fmt, block_size=64, double_quant=dq))(w)
+    for name in ("codes", "scales", "offsets", "scale_scales", "scale_mean"):
+        a, b = getattr(eager, name), getattr(traced, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, err_msg=name)

@@ -195,25 +195,9 @@ def time_group(setups: list[str], args) -> dict:
     return {"times": times, "compile_s": compile_s, "initial_loss": initial_loss, "last_loss": losses}
 
 
-def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).
-
-    Without it, memory that the weight staging or compilation freed stays
-    resident inside the allocator and counts in the next peak, for every
-    framework alike.
-    """
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def rss_one(setup: str, args) -> dict:
     """Peak RSS of one setup alone: the whole process, and three steady-state steps."""
-    from lora_jax.sweep import peak_rss_mb, reset_peak_rss
+    from lora_jax.sweep import peak_rss_mb, release_freed_memory, reset_peak_rss
 
     cfg = model_config(args.tiny)
     params_np = weights(cfg)
@@ -223,8 +207,7 @@ def rss_one(setup: str, args) -> dict:
     release_freed_memory()
     step(tok)
     whole = peak_rss_mb()
-    release_freed_memory()
-    reset_peak_rss()
+    reset_peak_rss()  # hands freed memory back first
     for _ in range(3):
         step(tok)
     steady = peak_rss_mb()
