@@ -120,7 +120,7 @@ def unpack_nibbles(packed: jax.Array) -> jax.Array:
     return jnp.stack([p & 15, p >> 4], axis=1).reshape(p.shape[0] * 2, *p.shape[1:])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pair_table(fmt: str) -> np.ndarray:
     """``(256, 2)`` float32: the values of the low and high nibble of every byte (4-bit formats)."""
     values = {"int4": np.arange(16) - 8.0, "int4_asym": np.arange(16.0), "nf4": NF4_VALUES, "fp4": FP4_VALUES}[fmt]
