@@ -515,6 +515,9 @@ def _encode(w, fmt: str, bs: int, double_quant: bool):
     w_np = np.asarray(w)
     if w_np.dtype not in (np.float32, np.float64, np.float16):
         w_np = w_np.astype(np.float32)  # bfloat16 and other ml_dtypes
+    counts = (np.sum(np.isnan(w_np)), np.sum(np.isinf(w_np)))
+    if counts[0] or counts[1]:
+        return {}, counts  # the caller raises, naming the weight
     children, counts = _encode_with(np, w_np, fmt, bs, double_quant)
     children = {k: None if v is None else jnp.asarray(v) for k, v in children.items()}
     return children, counts
