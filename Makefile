@@ -31,5 +31,6 @@ quickstart: install
 lint: install
 	$(VENV)/bin/ruff check lora_jax tests experiments
 
-bench: install
+bench: install-compare
 	$(PY) experiments/benchmarks/train_step.py
+	$(PY) experiments/benchmarks/peers.py --markdown experiments/benchmarks/results/peers.md
