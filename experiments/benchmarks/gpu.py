@@ -25,20 +25,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ALL_SEVEN = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+from train_step import ALL_SEVEN, flops, model_config  # noqa: E402
+
 TORCH_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def shape(name: str):
     from lora_jax.models import llama
 
-    if name == "smollm2":
-        return llama.SMOLLM2_135M
+    if name in ("smollm2", "tiny"):
+        return model_config(tiny=name == "tiny")
     if name == "llama-1b":  # the Llama-3.2-1B shape (1.24 B parameters, tied embeddings)
         return llama.LlamaConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
                                  rope_theta=500000.0, tie_embeddings=True)
-    if name == "tiny":
-        return llama.LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
     raise ValueError(f"unknown shape {name!r}")
 
 
@@ -152,8 +151,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = ap.parse_args(argv)
-    import train_step
-
     cfg = shape(args.shape)
     build = run_peft if args.setup.startswith("peft") else run_ours
     step, matmul_s, peak_mb, where = build(args.setup, cfg, args)
@@ -170,7 +167,7 @@ def main(argv=None) -> dict:
     mm_tflops = 2 * n**3 / mm_t / 1e12
     step_s = statistics.median(times)
     mode = "full" if args.setup == "ours_full" else "lora"
-    tflop = train_step.flops(cfg, args.batch * args.seq, args.seq, args.rank, mode) / 1e12
+    tflop = flops(cfg, args.batch * args.seq, args.seq, args.rank, mode) / 1e12
     out = {
         "setup": args.setup, "shape": args.shape, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
         "step_s": round(step_s, 5), "tokens_per_s": round(args.batch * args.seq / step_s, 1),

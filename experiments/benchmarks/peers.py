@@ -47,7 +47,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-ALL_SEVEN = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+from train_step import ALL_SEVEN, model_config  # noqa: E402  (the same shapes and targets)
+
 SETUPS = (
     "ours_full", "ours_lora", "ours_qlora", "peft_lora", "peft_qlora", "qwix_lora", "qwix_qlora", "nnx_lora",
     "ours_lora_bf16", "peft_lora_bf16",
@@ -70,14 +71,6 @@ RATIOS = {
     "ours_lora_bf16_over_peft_lora_bf16": ("ours_lora_bf16", "peft_lora_bf16", None),
 }
 RSS_TARGET = ("ours_qlora", "peft_qlora", 0.8)  # ours QLoRA peak RSS <= 0.8 x PEFT + bitsandbytes QLoRA
-
-
-def model_config(tiny: bool):
-    from lora_jax.models import llama
-
-    if tiny:
-        return llama.LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
-    return llama.SMOLLM2_135M
 
 
 def weights(cfg, seed: int = 0) -> dict:
