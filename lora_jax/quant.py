@@ -120,12 +120,20 @@ def unpack_nibbles(packed: jax.Array) -> jax.Array:
     return jnp.stack([p & 15, p >> 4], axis=1).reshape(p.shape[0] * 2, *p.shape[1:])
 
 
+# The value of each 4-bit code before scaling.
+_CODE_VALUES = {
+    "int4": np.arange(16, dtype=np.float32) - 8,
+    "int4_asym": np.arange(16, dtype=np.float32),
+    "nf4": NF4_VALUES,
+    "fp4": FP4_VALUES,
+}
+
+
 @functools.cache
 def _pair_table(fmt: str) -> np.ndarray:
     """``(256, 2)`` float32: the values of the low and high nibble of every byte (4-bit formats)."""
-    values = {"int4": np.arange(16) - 8.0, "int4_asym": np.arange(16.0), "nf4": NF4_VALUES, "fp4": FP4_VALUES}[fmt]
     b = np.arange(256)
-    return np.stack([values[b & 15], values[b >> 4]], axis=1).astype(np.float32)
+    return np.stack([_CODE_VALUES[fmt][b & 15], _CODE_VALUES[fmt][b >> 4]], axis=1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -305,8 +313,7 @@ class QTensor:
             return nib.astype(_F32) - 8.0
         if self.format in ("int4_asym", "int8"):
             return nib.astype(_F32)
-        table = NF4_VALUES if self.format == "nf4" else FP4_VALUES
-        return jnp.asarray(table)[nib]
+        return jnp.asarray(_CODE_VALUES[self.format])[nib]
 
     def _block_params(self, rows=None, cols=None):
         """Float32 first-level scales (and offsets) at block rows ``rows`` / columns ``cols``."""
@@ -495,11 +502,17 @@ def _encode_with(xp, w, fmt: str, bs: int, double_quant: bool):
         mag = xp.searchsorted(xp.asarray(_E2M1_MID), xp.minimum(xp.abs(y), np.float32(6.0))).astype(np.uint8)
         codes = xp.where((y < 0) & (mag > 0), mag | 8, mag).astype(np.uint8)
     codes = codes.reshape(d_in, d_out)
-    children["codes"] = codes[0::2] | (codes[1::2] << 4) if BITS[fmt] == 4 else codes
-    return children, (xp.sum(xp.isnan(w)), xp.sum(xp.isinf(w)))
+    children["codes"] = pack_nibbles(codes) if BITS[fmt] == 4 else codes
+    return children
 
 
-_encode_jit = jax.jit(functools.partial(_encode_with, jnp), static_argnums=(1, 2, 3))
+def _nonfinite_counts(xp, w):
+    return xp.sum(xp.isnan(w)), xp.sum(xp.isinf(w))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _encode_jit(w, fmt: str, bs: int, double_quant: bool):
+    return _encode_with(jnp, w, fmt, bs, double_quant), _nonfinite_counts(jnp, w)
 
 
 def _encode(w, fmt: str, bs: int, double_quant: bool):
@@ -515,12 +528,11 @@ def _encode(w, fmt: str, bs: int, double_quant: bool):
     w_np = np.asarray(w)
     if w_np.dtype not in (np.float32, np.float64, np.float16):
         w_np = w_np.astype(np.float32)  # bfloat16 and other ml_dtypes
-    counts = (np.sum(np.isnan(w_np)), np.sum(np.isinf(w_np)))
+    counts = _nonfinite_counts(np, w_np)
     if counts[0] or counts[1]:
         return {}, counts  # the caller raises, naming the weight
-    children, counts = _encode_with(np, w_np, fmt, bs, double_quant)
-    children = {k: None if v is None else jnp.asarray(v) for k, v in children.items()}
-    return children, counts
+    children = _encode_with(np, w_np, fmt, bs, double_quant)
+    return {k: None if v is None else jnp.asarray(v) for k, v in children.items()}, counts
 
 
 def _is_concrete(x: Any) -> bool:
