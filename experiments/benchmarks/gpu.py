@@ -92,17 +92,19 @@ def run_ours(setup, cfg, args):
 
 
 def run_peft(setup, cfg, args):
+    import jax
     import peft
     import torch
     import transformers
 
+    from lora_jax.checkpoint import _hf_config
+    from lora_jax.models import llama
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, intermediate_size=cfg.ffn_dim,
-        head_dim=cfg.head_dim, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_eps,
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, max_position_embeddings=max(2048, args.seq))
+    # The config.json our exporter writes for this shape (abstract params: no weights are made).
+    hf, _ = _hf_config(jax.eval_shape(lambda: llama.init(jax.random.key(0), cfg)), cfg, args.dtype)
+    hf_cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", torch_dtype=dt).to(dev)
     model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
