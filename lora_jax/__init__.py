@@ -17,10 +17,16 @@ Examples:
 
 import importlib
 
+from lora_jax import hostmem as _hostmem
+
+# Before any JAX computation: XLA:CPU's per-step scratch buffer then stays
+# mapped instead of being page-faulted in again on every step (see hostmem).
+_hostmem.configure()
+
 __version__ = "0.1.0"
 
-_SUBMODULES = ("adapters", "checkpoint", "config", "data", "flax_adapt", "generate", "lora", "metrics", "models",
-               "optim", "paths", "plan", "plots", "quant", "sweep", "train")
+_SUBMODULES = ("adapters", "checkpoint", "config", "data", "flax_adapt", "generate", "hostmem", "lora", "metrics",
+               "models", "optim", "paths", "plan", "plots", "quant", "sweep", "train")
 _NAMES = {
     "LoraRule": "lora",
     "LoraWeight": "lora",

@@ -19,9 +19,7 @@ step, so the resumed run computes what an uninterrupted one would have.
 from __future__ import annotations
 
 import csv
-import ctypes
 import functools
-import gc
 import io
 import json
 import math
@@ -44,6 +42,7 @@ import optax
 
 from lora_jax import config as _config
 from lora_jax import data as _data
+from lora_jax import hostmem
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
 from lora_jax import train as _train
@@ -68,17 +67,8 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``; no-op elsewhere).
-
-    Memory freed by earlier work (weights staged on the host, a previous run,
-    compilation) otherwise stays resident inside the allocator and inflates the
-    next peak-RSS reading.
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    """Collect garbage and hand freed heap pages back to the OS (see :func:`lora_jax.hostmem.release`)."""
+    hostmem.release()
 
 
 def reset_peak_rss() -> bool:
