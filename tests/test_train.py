@@ -126,3 +126,20 @@ def test_pure_jax_function_unaware_of_lora_is_adapted_and_trained():
         first = float(m["loss"]) if first is None else first
     assert float(m["loss"]) < 0.6 * first
     np.testing.assert_array_equal(state.frozen["hidden"]["kernel"].base, params["hidden"]["kernel"])
+
+
+def test_swiglu_gradients_match_autodiff_of_the_plain_expression():
+    from jax.test_util import check_grads
+
+    g, u, w = (jax.random.normal(jax.random.key(i), (3, 5, 7)) * 3 for i in range(3))
+
+    def plain(g, u):
+        return jnp.sum(jax.nn.silu(g) * u * w)
+
+    def fused(g, u):
+        return jnp.sum(llama.swiglu(g, u) * w)
+
+    np.testing.assert_allclose(fused(g, u), plain(g, u), rtol=1e-6)
+    for a, b in zip(jax.grad(fused, (0, 1))(g, u), jax.grad(plain, (0, 1))(g, u), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    check_grads(llama.swiglu, (g[0, 0], u[0, 0]), order=1, modes=["rev"])

@@ -177,8 +177,34 @@ def attention(p: PyTree, x_BTD: jax.Array, cos, sin, mask_BTS: jax.Array, c: Lla
     return _linear(out_BTKGH.reshape(B, T, K * G * H), p["o_proj"])
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) * up`` whose backward pass keeps only ``gate`` and ``up``.
+
+    Plain autodiff saves the sigmoid and the SiLU output as well (two more
+    ``(tokens, ffn)`` tensors per layer, written in the forward pass and read
+    in the backward); here the backward recomputes the sigmoid inside the one
+    fusion that forms both input gradients.
+    """
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, g):
+    gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    return g * up * (sig + silu * (1 - sig)), g * silu
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def mlp(p: PyTree, x_BTD: jax.Array) -> jax.Array:
-    h_BTF = jax.nn.silu(_linear(x_BTD, p["gate_proj"])) * _linear(x_BTD, p["up_proj"])
+    h_BTF = swiglu(_linear(x_BTD, p["gate_proj"]), _linear(x_BTD, p["up_proj"]))
     return _linear(h_BTF, p["down_proj"])
 
 
