@@ -325,9 +325,14 @@ class QTensor:
 
         s = take(self.scales)
         if self.double_quant:
-            groups = jnp.arange(self.stored_shape[1]) // DQ_BLOCK if cols is None else cols // DQ_BLOCK
             s2 = self.scale_scales if rows is None else self.scale_scales[rows]
-            s = s.astype(_F32) * s2[:, groups] + self.scale_mean
+            if cols is None:  # each group's scale broadcast over its columns (no gather)
+                nb, g = s2.shape
+                s2 = jnp.broadcast_to(s2[:, :, None], (nb, g, DQ_BLOCK)).reshape(nb, g * DQ_BLOCK)
+                s2 = s2[:, : self.stored_shape[1]]
+            else:
+                s2 = s2[:, cols // DQ_BLOCK]
+            s = s.astype(_F32) * s2 + self.scale_mean
         return s, (None if self.offsets is None else take(self.offsets))
 
     def _decode_columns(self, cols=None) -> jax.Array:
