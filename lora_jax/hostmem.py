@@ -2,7 +2,7 @@
 
 XLA:CPU allocates the scratch ("temp") buffer of a compiled program afresh
 on every execution: for a training step it holds the activations kept for
-the backward pass, 1.3 GB for the SmolLM2-135M LoRA step at batch 4 x 128.
+the backward pass, 1.1 GB for the SmolLM2-135M LoRA step at batch 4 x 128.
 glibc's ``malloc`` serves a block that large with a fresh ``mmap`` and gives
 it back with ``munmap`` on ``free``, so every step page-faults the whole
 buffer in again: measured here, 330k minor faults and 0.3-0.5 s of kernel
@@ -13,7 +13,7 @@ the heap (``M_MMAP_MAX = 0``) of one arena (``M_ARENA_MAX = 1``: the other
 arenas have 64 MB heaps and fall back to ``mmap`` for larger blocks), and
 freed memory stays with the process (``M_TRIM_THRESHOLD = -1``: no trimming
 on ``free``) until :func:`release` hands it back. The step then reuses the same
-pages (no faults; 1.2 -> 0.9 s on that step). Peak memory is unchanged; the
+pages (no faults; 1.18 -> 0.90 s on that step). Peak memory is unchanged; the
 resident size after a step no longer drops back, which is what a training
 process wants.
 
