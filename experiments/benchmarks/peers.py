@@ -21,7 +21,11 @@ Timing: each group of setups below runs in one process, interleaved (A B C A B C
 ...), after a compiling call (reported as ``compile_s``, first step included)
 and one warm-up round; seconds are medians over ``--reps`` rounds and each
 ratio is the median of the per-round ratios of two setups of the same group.
-Peak RSS: each setup alone in a fresh process (``/proc/self/status`` VmHWM):
+Every timing process imports lora_jax, so every setup, the peers' included,
+runs with its host allocator settings (:mod:`lora_jax.hostmem`; faster for
+PyTorch too). Peak RSS: each setup alone in a fresh process, the peers' with
+the system allocator's defaults (``LORA_JAX_MALLOC=system``: they run without
+lora_jax, and retaining freed memory raises their RSS) (``/proc/self/status`` VmHWM):
 the whole process (imports, the shared numpy weights, the framework's copy of
 them, compilation, the first step) and the steady state (three steps, after
 freed memory is handed back to the OS). The RSS target compares the steady
@@ -48,6 +52,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from train_step import ALL_SEVEN, model_config  # noqa: E402  (the same shapes and targets)
+
+from lora_jax import hostmem  # noqa: E402
 
 SETUPS = (
     "ours_full", "ours_lora", "ours_qlora", "peft_lora", "peft_qlora", "qwix_lora", "qwix_qlora", "nnx_lora",
@@ -207,11 +213,11 @@ def rss_one(setup: str, args) -> dict:
     return {"peak_rss_mb": max(whole, steady), "step_peak_rss_mb": steady}
 
 
-def _child(flag: list[str], args) -> dict:
+def _child(flag: list[str], args, **env_extra: str) -> dict:
     cmd = [sys.executable, __file__, *flag, "--rank", str(args.rank), "--alpha", str(args.alpha),
            "--batch", str(args.batch), "--seq", str(args.seq), "--reps", str(args.reps)]
     cmd += ["--tiny"] if args.tiny else []
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"peers: {' '.join(flag)} failed (exit {proc.returncode}); its stderr is above")
@@ -256,6 +262,7 @@ def summarize(groups: list[tuple[list[str], dict]], rss: dict, args) -> dict:
     if rss:
         out["peak_rss_mb"] = {s: round(v["peak_rss_mb"], 1) for s, v in rss.items()}
         out["step_peak_rss_mb"] = {s: round(v["step_peak_rss_mb"], 1) for s, v in rss.items()}
+        out["rss_allocator"] = {s: v.get("allocator", "lora_jax") for s, v in rss.items()}
         num, den, target = RSS_TARGET
         if num in rss and den in rss:
             for key in ("step_peak_rss", "peak_rss"):
@@ -339,8 +346,12 @@ def main(argv=None) -> dict:
     if not args.no_rss:
         for s in SETUPS:
             if s in chosen and not s.endswith("_bf16"):
-                print(f"[peers] peak RSS of {s}", file=sys.stderr, flush=True)
-                rss[s] = _child(["--rss-one", s], args)
+                # A peer's memory is measured with the system allocator's defaults, as it
+                # runs without lora_jax (whose import keeps freed memory mapped, see hostmem).
+                malloc = "lora_jax" if s.startswith("ours_") else "system"
+                print(f"[peers] peak RSS of {s} ({malloc} allocator settings)", file=sys.stderr, flush=True)
+                rss[s] = _child(["--rss-one", s], args, **({} if malloc == "lora_jax" else {hostmem.ENV: "system"}))
+                rss[s]["allocator"] = malloc
     res = summarize(results, rss, args)
     res["command"] = "python experiments/benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(json.dumps(res, indent=1))
