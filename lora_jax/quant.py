@@ -326,12 +326,7 @@ class QTensor:
         s = take(self.scales)
         if self.double_quant:
             s2 = self.scale_scales if rows is None else self.scale_scales[rows]
-            if cols is None:  # each group's scale broadcast over its columns (no gather)
-                nb, g = s2.shape
-                s2 = jnp.broadcast_to(s2[:, :, None], (nb, g, DQ_BLOCK)).reshape(nb, g * DQ_BLOCK)
-                s2 = s2[:, : self.stored_shape[1]]
-            else:
-                s2 = s2[:, cols // DQ_BLOCK]
+            s2 = _expand_groups(jnp, s2, self.stored_shape[1]) if cols is None else s2[:, cols // DQ_BLOCK]
             s = s.astype(_F32) * s2 + self.scale_mean
         return s, (None if self.offsets is None else take(self.offsets))
 
@@ -466,6 +461,15 @@ def _check_block(shape, block_size, fmt, where: str) -> int:
     return bs
 
 
+def _expand_groups(xp, s2, d_out: int):
+    """Second-level scales ``(nb, groups)`` repeated over their DQ_BLOCK columns: ``(nb, d_out)``.
+
+    A broadcast rather than a gather, so it costs the compiled program no index arithmetic.
+    """
+    nb, g = s2.shape
+    return xp.broadcast_to(s2[:, :, None], (nb, g, DQ_BLOCK)).reshape(nb, g * DQ_BLOCK)[:, :d_out]
+
+
 def _dq_encode(xp, scales):
     nb, d_out = scales.shape
     mean = xp.mean(scales, dtype=np.float32)
@@ -492,7 +496,7 @@ def _encode_with(xp, w, fmt: str, bs: int, double_quant: bool):
     if double_quant:
         sc, s2, mean = _dq_encode(xp, scale)
         children.update(scales=sc, scale_scales=s2, scale_mean=mean)
-        scale = sc.astype(np.float32) * s2[:, xp.arange(d_out) // DQ_BLOCK] + mean  # encode against what decodes
+        scale = sc.astype(np.float32) * _expand_groups(xp, s2, d_out) + mean  # encode against what decodes
     else:
         children["scales"] = scale
     inv = xp.where(scale != 0, one / xp.where(scale != 0, scale, one), zero)[:, None, :]

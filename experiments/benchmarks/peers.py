@@ -23,10 +23,10 @@ and one warm-up round; seconds are medians over ``--reps`` rounds and each
 ratio is the median of the per-round ratios of two setups of the same group.
 Every timing process imports lora_jax, so every setup, the peers' included,
 runs with its host allocator settings (:mod:`lora_jax.hostmem`; faster for
-PyTorch too). Peak RSS: each setup alone in a fresh process, the peers' with
-the system allocator's defaults (``LORA_JAX_MALLOC=system``: they run without
-lora_jax, and retaining freed memory raises their RSS) (``/proc/self/status`` VmHWM):
-the whole process (imports, the shared numpy weights, the framework's copy of
+PyTorch too). Peak RSS (``/proc/self/status`` VmHWM): each setup alone in a
+fresh process, the peers' with the system allocator's defaults
+(``LORA_JAX_MALLOC=system``: they run without lora_jax, and retaining freed
+memory raises their RSS); measured are the whole process (imports, the shared numpy weights, the framework's copy of
 them, compilation, the first step) and the steady state (three steps, after
 freed memory is handed back to the OS). The RSS target compares the steady
 state, the memory a run needs to keep training; the whole-process peak is
