@@ -142,18 +142,29 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float):
-    """cos/sin tables ``(B, T, head_dim/2)`` for the rotate-half RoPE layout."""
+    """Full-width RoPE tables ``(B, T, head_dim)`` for the rotate-half layout.
+
+    Returns ``cos = [cos, cos]`` and ``sin = [-sin, sin]`` (halves along the last
+    axis), so that :func:`apply_rope` is ``x * cos + swap_halves(x) * sin``. The
+    tables are computed once per call and kept as arrays (an optimization
+    barrier): otherwise XLA fuses the ``cos``/``sin`` of the positions into
+    every RoPE fusion of every layer and evaluates them per element of
+    ``q`` and ``k`` (measured: ~3% of a LoRA train step on CPU).
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     ang = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(ang), jnp.sin(ang)
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    tables = jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([-sin, sin], axis=-1)
+    return jax.lax.optimization_barrier(tables)
 
 
-def apply_rope(x_BTNH: jax.Array, cos_BTh: jax.Array, sin_BTh: jax.Array) -> jax.Array:
+def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    """Rotate ``x`` (heads on axis 2) by the tables of :func:`rope_tables`."""
     half = x_BTNH.shape[-1] // 2
-    x1, x2 = x_BTNH[..., :half], x_BTNH[..., half:]
-    cos = cos_BTh[:, :, None, :].astype(x_BTNH.dtype)
-    sin = sin_BTh[:, :, None, :].astype(x_BTNH.dtype)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    swapped = jnp.concatenate([x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    cos = cos_BTH[:, :, None, :].astype(x_BTNH.dtype)
+    sin = sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
+    return x_BTNH * cos + swapped * sin
 
 
 def _linear(x, p):
