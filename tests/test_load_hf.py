@@ -190,6 +190,24 @@ def test_llama_family_logits_match_transformers(tmp_path, case):
     assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
 
 
+def test_block_causal_attention_matches_transformers_with_padding(tmp_path):
+    """192 tokens: three query blocks of ``llama.CAUSAL_BLOCK`` (skipped key blocks), left padding on one row."""
+    import torch
+
+    model = _tiny_decoder(tmp_path, "llama")
+    params, config, _ = load_hf.load(tmp_path, tokenizer=False)
+    T = 192
+    assert llama.causal_blocks(T) == 3
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, T))
+    mask = np.ones((2, T), np.int64)
+    mask[1, :37] = 0  # left padding: a block boundary falls inside neither padding nor text
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.float().numpy()
+    ours = np.asarray(llama.apply(params, jnp.asarray(tokens), config, attention_mask_BT=jnp.asarray(mask)))
+    real = mask.astype(bool)
+    assert np.max(np.abs(ours[real] - ref[real])) / np.max(np.abs(ref[real])) < 1e-4
+
+
 def test_sharded_checkpoint_equals_single_file(tmp_path):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     _tiny_decoder(single, "qwen2")

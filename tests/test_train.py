@@ -143,3 +143,25 @@ def test_swiglu_gradients_match_autodiff_of_the_plain_expression():
     for a, b in zip(jax.grad(fused, (0, 1))(g, u), jax.grad(plain, (0, 1))(g, u), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     check_grads(llama.swiglu, (g[0, 0], u[0, 0]), order=1, modes=["rev"])
+
+
+def test_block_causal_attention_equals_unblocked(monkeypatch):
+    """Skipping the causally masked key blocks changes neither the loss nor its gradient."""
+    cfg = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+    params = llama.init(jax.random.key(0), cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 256), 0, cfg.vocab_size)
+    # Left padding: the padded positions see no key at all, so their outputs
+    # (unspecified) must not feed the loss; the first real token is no target.
+    batch = {"tokens": tokens, "attention_mask": jnp.ones((2, 256)).at[1, :70].set(0)}
+    batch["loss_mask"] = batch["attention_mask"].at[1, 70].set(0)
+    assert llama.causal_blocks(256) == 4
+
+    def loss_and_grad():
+        return jax.jit(jax.value_and_grad(lambda p: llama.loss(p, batch, cfg)[0]))(params)
+
+    blocked = loss_and_grad()
+    monkeypatch.setattr(llama, "CAUSAL_BLOCK", 1024)
+    assert llama.causal_blocks(256) == 1
+    full = loss_and_grad()
+    np.testing.assert_allclose(blocked[0], full[0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), blocked[1], full[1])
