@@ -200,7 +200,7 @@ def test_block_causal_attention_matches_transformers_with_padding(tmp_path):
     assert llama.causal_blocks(T) == 3
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, T))
     mask = np.ones((2, T), np.int64)
-    mask[1, :37] = 0  # left padding: a block boundary falls inside neither padding nor text
+    mask[1, :37] = 0  # left padding that ends inside the first query block
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.float().numpy()
     ours = np.asarray(llama.apply(params, jnp.asarray(tokens), config, attention_mask_BT=jnp.asarray(mask)))
