@@ -180,10 +180,10 @@ def _linear(x, p):
 CAUSAL_BLOCK = 64
 
 
-def causal_blocks(seq_len: int, block: int | None = None) -> int:
+def causal_blocks(seq_len: int) -> int:
     """How many query blocks :func:`attention` splits ``seq_len`` positions into (1: no skipping)."""
-    block = CAUSAL_BLOCK if block is None else block
-    return seq_len // block if seq_len % block == 0 and seq_len > block else 1
+    b = CAUSAL_BLOCK
+    return seq_len // b if seq_len % b == 0 and seq_len > b else 1
 
 
 def attention_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
@@ -216,16 +216,18 @@ def attention(p: PyTree, x_BTD: jax.Array, cos, sin, mask_BTS: jax.Array, c: Lla
     outs = []
     for i in range(n):
         lo, hi = i * size, (i + 1) * size
-        outs.append(_attend(q_BTKGH[:, lo:hi], k_BSKH[:, :hi], v_BSKH[:, :hi], mask_BTS[:, lo:hi, :hi]))
+        outs.append(_attend(q_BTKGH[:, lo:hi], k_BSKH[:, :hi], v_BSKH[:, :hi], mask_BTS[:, lo:hi, :hi], x_BTD.dtype))
     out_BTKGH = outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
     return _linear(out_BTKGH.reshape(B, T, K * G * H), p["o_proj"])
 
 
-def _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS):
+def _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, dtype):
+    """Masked softmax attention of grouped queries; scores in float32, probabilities in ``dtype``."""
     H = q_BTKGH.shape[-1]
-    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH) / jnp.asarray(math.sqrt(H), q_BTKGH.dtype)
+    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH)
+    logits_BKGTS = logits_BKGTS / jnp.asarray(math.sqrt(H), logits_BKGTS.dtype)
     logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS.astype(jnp.float32), -1e30)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(q_BTKGH.dtype)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(dtype)
     return jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
 
 
@@ -386,11 +388,7 @@ def attention_cached(
     start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
     k_BSKH = jax.lax.dynamic_update_slice(layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype), start)
     v_BSKH = jax.lax.dynamic_update_slice(layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype), start)
-    logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH.astype(q_BTKGH.dtype))
-    logits_BKGTS = logits_BKGTS / jnp.asarray(math.sqrt(H), logits_BKGTS.dtype)
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS.astype(jnp.float32), -1e30)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(x_BTD.dtype)
-    out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH.astype(x_BTD.dtype))
+    out_BTKGH = _attend(q_BTKGH, k_BSKH.astype(q_BTKGH.dtype), v_BSKH.astype(x_BTD.dtype), mask_BTS, x_BTD.dtype)
     return _linear(out_BTKGH.reshape(B, T, K * G * H), p["o_proj"]), {"k": k_BSKH, "v": v_BSKH}
 
 
