@@ -174,6 +174,14 @@ class LoraWeight:
                 f"x @ w needs a 2-D weight; this LoRA weight has shape {self.shape}. "
                 "Use lora_jax.lora.contract(x, w) for kernels with several input/output axes."
             )
+        fused = getattr(self.base, "adapted_matmul", None)  # a quantized base (QLoRA): one fused op
+        if fused is not None:
+            a = self.lora_a.astype(x.dtype)
+            b = self.lora_b.astype(x.dtype)
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])
+            y = fused(x2, self._adapter_input(x2), a, b, float(self.scale))
+            return y.reshape(*lead, y.shape[-1])
         return (x @ self.base) + self.delta(x)
 
     def __getitem__(self, idx):

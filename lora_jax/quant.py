@@ -369,6 +369,10 @@ class QTensor:
     def __rmatmul__(self, x):
         return _qmatmul(np.dtype(jnp.result_type(x)), x, self)
 
+    def adapted_matmul(self, x, x_adapter, a, b, scale: float):
+        """``x @ W + ((x_adapter @ A) * scale) @ B`` as one op (see :func:`qlora_matmul`)."""
+        return qlora_matmul(x, x_adapter, self, a, b, scale)
+
     def __getitem__(self, idx):
         """Gather rows of the logical weight (embedding lookup), dequantizing only those rows.
 
@@ -403,24 +407,37 @@ def _nbytes(x: Any) -> int:
     return math.prod(np.shape(x)) * np.dtype(x.dtype).itemsize
 
 
-def _matmul_late(x, q):
-    """``x @ dequantize(q)`` with the dequantization scheduled after ``x`` exists.
+def _zero_of(x) -> jax.Array:
+    """An exact float32 zero that XLA cannot prove constant: ``x0 > inf`` is false for every value, NaN included."""
+    return (x.reshape(-1)[0] > jnp.inf).astype(_F32)
+
+
+def _plus(q, zero):
+    """``q`` with ``zero`` added to its scales: the same values, now data-dependent on ``zero``."""
+    if q.double_quant:
+        return dataclasses.replace(q, scale_mean=q.scale_mean + zero)
+    return dataclasses.replace(q, scales=q.scales + zero)
+
+
+def _matmul_late(x, q, after=None):
+    """``x @ dequantize(q)`` with the dequantization scheduled after ``after`` (default ``x``) exists.
 
     Without a dependency on ``x`` XLA may dequantize every weight of the model up
     front and keep them all alive (XLA:CPU does), and may CSE the backward's
     re-dequantization with the forward one. The optimization barrier says so to
     backends that respect it when scheduling; XLA:CPU drops barriers before
-    scheduling, so the scales also get an exact zero computed from ``x``
-    (``x0 > inf`` is false for every value, NaN included; XLA cannot prove it).
+    scheduling, so the scales also get an exact zero computed from ``after``
+    (see :func:`_zero_of`).
     """
-    x, q = jax.lax.optimization_barrier((x, q))
-    if x.size:
-        zero = (x.reshape(-1)[0] > jnp.inf).astype(_F32)
-        if q.double_quant:
-            q = dataclasses.replace(q, scale_mean=q.scale_mean + zero)
-        else:
-            q = dataclasses.replace(q, scales=q.scales + zero)
+    after = x if after is None else after
+    x, q, after = jax.lax.optimization_barrier((x, q, after))
+    if after.size:
+        q = _plus(q, _zero_of(after))
     return x @ q.dequantize()
+
+
+def _for_dtype(q, dtype):
+    return dataclasses.replace(q, compute_dtype=dtype) if q.dtype != dtype else q
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -433,12 +450,53 @@ def _qmatmul_fwd(x_dtype, x, q):
 
 
 def _qmatmul_bwd(x_dtype, q, g):
-    w_t = q.T
-    dx = _matmul_late(g, dataclasses.replace(w_t, compute_dtype=g.dtype) if w_t.dtype != g.dtype else w_t)
+    dx = _matmul_late(g, _for_dtype(q.T, g.dtype))
     return dx.astype(x_dtype), None  # None: zero cotangents (float0 for integer codes)
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def qlora_matmul(x, x_adapter, q, a, b, scale: float):
+    """``x @ dequantize(q) + ((x_adapter @ A) * scale) @ B`` for 2-D ``x``: a QLoRA layer.
+
+    What :class:`lora_jax.lora.LoraWeight` computes for a quantized base. One
+    custom VJP for both paths lets each dequantization be ordered after a
+    product of the adapter (``x_adapter @ A`` forward, ``g @ B^T`` backward), a
+    dot output XLA keeps in memory anyway, rather than after ``x`` or the
+    output gradient, whose elementwise producers XLA would otherwise recompute
+    inside every dequantization and split into extra kernels (a smaller
+    compiled step: fewer instructions held in memory). ``x_adapter`` is
+    ``x`` after adapter dropout (``x`` itself without it). The backward pass
+    re-dequantizes ``q`` instead of keeping the dense weight.
+    """
+    return _qlora(np.dtype(x.dtype), float(scale), x, x_adapter, q, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _qlora(x_dtype, scale, x, xa, q, a, b):
+    return _qlora_fwd(x_dtype, scale, x, xa, q, a, b)[0]
+
+
+def _qlora_fwd(x_dtype, scale, x, xa, q, a, b):
+    h = (xa @ a) * jnp.asarray(scale, xa.dtype)
+    y = _matmul_late(x, q, after=h) + h @ b
+    return y, (xa, q, a, b, h)
+
+
+def _qlora_bwd(x_dtype, scale, res, g):
+    # The adapter's backward as in lora._low_rank (small transposes behind barriers).
+    xa, q, a, b, h = res
+    bar = jax.lax.optimization_barrier
+    db = bar(h.T) @ g
+    dh = (g @ bar(b.T)) * jnp.asarray(scale, g.dtype)
+    da = bar(bar(dh.T) @ xa).T
+    dxa = dh @ bar(a.T)
+    dx = _matmul_late(g, _for_dtype(q.T, g.dtype), after=dh)
+    return dx.astype(x_dtype), dxa, None, da, db
+
+
+_qlora.defvjp(_qlora_fwd, _qlora_bwd)
 
 
 # ----------------------------------------------------------------------------
