@@ -34,7 +34,9 @@ A dimension the block size does not divide is rejected (no hidden padding);
 where the leaf is used (``x @ q``, ``q[ids]``, :func:`lora_jax.lora.dense`),
 inside the jit-compiled step that takes the leaf as an argument; ``x @ q`` has a
 custom VJP whose residual is the packed leaf, so the backward pass dequantizes
-again instead of keeping dense weights alive between layers.
+again instead of keeping dense weights alive between layers. A LoRA weight on
+a quantized base (QLoRA) runs base and adapter as one op,
+:func:`qlora_matmul`, with the same recomputing backward.
 """
 
 from __future__ import annotations
