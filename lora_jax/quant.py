@@ -464,8 +464,8 @@ def qlora_matmul(x, x_adapter, q, a, b, scale: float):
 
     What :class:`lora_jax.lora.LoraWeight` computes for a quantized base. One
     custom VJP for both paths lets each dequantization be ordered after a
-    product of the adapter (``x_adapter @ A`` forward, ``g @ B^T`` backward), a
-    dot output XLA keeps in memory anyway, rather than after ``x`` or the
+    product of the adapter (``x_adapter @ A`` forward, its input gradient
+    backward), a dot output XLA keeps in memory anyway, rather than after ``x`` or the
     output gradient, whose elementwise producers XLA would otherwise recompute
     inside every dequantization and split into extra kernels (a smaller
     compiled step: fewer instructions held in memory). ``x_adapter`` is
@@ -481,20 +481,15 @@ def _qlora(x_dtype, scale, x, xa, q, a, b):
 
 
 def _qlora_fwd(x_dtype, scale, x, xa, q, a, b):
-    h = (xa @ a) * jnp.asarray(scale, xa.dtype)
-    y = _matmul_late(x, q, after=h) + h @ b
-    return y, (xa, q, a, b, h)
+    delta, res = _lora._low_rank_fwd(xa, a, b, scale)
+    h = res[-1]  # (xa @ A) * scale
+    return _matmul_late(x, q, after=h) + delta, (res, q)
 
 
-def _qlora_bwd(x_dtype, scale, res, g):
-    # The adapter's backward as in lora._low_rank (small transposes behind barriers).
-    xa, q, a, b, h = res
-    bar = jax.lax.optimization_barrier
-    db = bar(h.T) @ g
-    dh = (g @ bar(b.T)) * jnp.asarray(scale, g.dtype)
-    da = bar(bar(dh.T) @ xa).T
-    dxa = dh @ bar(a.T)
-    dx = _matmul_late(g, _for_dtype(q.T, g.dtype), after=dh)
+def _qlora_bwd(x_dtype, scale, residuals, g):
+    res, q = residuals
+    dxa, da, db = _lora._low_rank_bwd(scale, res, g)  # the adapter's backward, as for a dense base
+    dx = _matmul_late(g, _for_dtype(q.T, g.dtype), after=dxa)  # dxa = (g @ B^T * s) @ A^T, a dot output
     return dx.astype(x_dtype), dxa, None, da, db
 
 
