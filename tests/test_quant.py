@@ -463,6 +463,28 @@ def test_backward_keeps_no_dense_weight(qlora_params):
     assert _dense_residuals(packed, trainable) == []
 
 
+def test_compiled_backward_keeps_no_dense_weight_per_layer():
+    # XLA would merge the backward's re-dequantization with the forward's (CSE) and keep
+    # every dense weight from the forward to the backward pass; the scratch of the
+    # compiled gradient would then grow per layer by a layer's dense weights more than
+    # LoRA on dense weights does (the activations kept are the same).
+    temp = {}
+    for n_layers in (2, 4):
+        cfg = dataclasses.replace(CFG, n_layers=n_layers)
+        dense = llama.init(jax.random.key(0), cfg)
+        quantized = quant.quantize(dense, [quant.QuantRule(pattern=PROJ, block_size=32, double_quant=True)])
+        for name, base in (("lora", dense), ("qlora", quantized)):
+            trainable, frozen = paths.split(lora.init(jax.random.key(1), base, [lora.LoraRule(pattern=PROJ, rank=4)]))
+            grad = jax.jit(jax.grad(lambda t, f, b, cfg=cfg: llama.loss(paths.combine(t, f), b, cfg)[0]))
+            compiled = grad.lower(trainable, frozen, _batch()).compile()
+            temp[name, n_layers] = compiled.memory_analysis().temp_size_in_bytes
+    per_layer = {name: (temp[name, 4] - temp[name, 2]) / 2 for name in ("lora", "qlora")}
+    dense_layer_bytes = 4 * sum(
+        a * b for a, b in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    )
+    assert per_layer["qlora"] - per_layer["lora"] < dense_layer_bytes / 2, (per_layer, dense_layer_bytes)
+
+
 def test_forward_memory_does_not_grow_with_depth():
     # Quantized weights are jit arguments; each layer's dequantized weights must die
     # with the layer (XLA:CPU would otherwise dequantize all layers up front).
