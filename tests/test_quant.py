@@ -463,6 +463,22 @@ def test_backward_keeps_no_dense_weight(qlora_params):
     assert _dense_residuals(packed, trainable) == []
 
 
+# fp32 bytes of one layer's seven projection kernels (CFG's shapes)
+DENSE_LAYER_BYTES = 4 * sum(a * b for a, b in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)])
+
+
+def _at_depth(n_layers):
+    """CFG with ``n_layers`` layers: its config, dense params, and params with NF4 projections."""
+    cfg = dataclasses.replace(CFG, n_layers=n_layers)
+    dense = llama.init(jax.random.key(0), cfg)
+    return cfg, dense, quant.quantize(dense, [quant.QuantRule(pattern=PROJ, block_size=32, double_quant=True)])
+
+
+def _scratch_bytes(fn, *args):
+    """XLA's temporary (scratch) bytes of ``fn`` compiled for ``args``."""
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
 def test_compiled_backward_keeps_no_dense_weight_per_layer():
     # XLA would merge the backward's re-dequantization with the forward's (CSE) and keep
     # every dense weight from the forward to the backward pass; the scratch of the
@@ -470,19 +486,13 @@ def test_compiled_backward_keeps_no_dense_weight_per_layer():
     # LoRA on dense weights does (the activations kept are the same).
     temp = {}
     for n_layers in (2, 4):
-        cfg = dataclasses.replace(CFG, n_layers=n_layers)
-        dense = llama.init(jax.random.key(0), cfg)
-        quantized = quant.quantize(dense, [quant.QuantRule(pattern=PROJ, block_size=32, double_quant=True)])
+        cfg, dense, quantized = _at_depth(n_layers)
         for name, base in (("lora", dense), ("qlora", quantized)):
             trainable, frozen = paths.split(lora.init(jax.random.key(1), base, [lora.LoraRule(pattern=PROJ, rank=4)]))
-            grad = jax.jit(jax.grad(lambda t, f, b, cfg=cfg: llama.loss(paths.combine(t, f), b, cfg)[0]))
-            compiled = grad.lower(trainable, frozen, _batch()).compile()
-            temp[name, n_layers] = compiled.memory_analysis().temp_size_in_bytes
+            grad = jax.grad(lambda t, f, b, cfg=cfg: llama.loss(paths.combine(t, f), b, cfg)[0])
+            temp[name, n_layers] = _scratch_bytes(grad, trainable, frozen, _batch())
     per_layer = {name: (temp[name, 4] - temp[name, 2]) / 2 for name in ("lora", "qlora")}
-    dense_layer_bytes = 4 * sum(
-        a * b for a, b in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
-    )
-    assert per_layer["qlora"] - per_layer["lora"] < dense_layer_bytes / 2, (per_layer, dense_layer_bytes)
+    assert per_layer["qlora"] - per_layer["lora"] < DENSE_LAYER_BYTES / 2, (per_layer, DENSE_LAYER_BYTES)
 
 
 def test_forward_memory_does_not_grow_with_depth():
@@ -490,15 +500,9 @@ def test_forward_memory_does_not_grow_with_depth():
     # with the layer (XLA:CPU would otherwise dequantize all layers up front).
     temp = {}
     for n_layers in (1, 2):
-        cfg = dataclasses.replace(CFG, n_layers=n_layers)
-        params = llama.init(jax.random.key(0), cfg)
-        params = quant.quantize(params, [quant.QuantRule(pattern=PROJ, block_size=32, double_quant=True)])
-        fwd = jax.jit(lambda p, b, cfg=cfg: llama.loss(p, b, cfg)[0])
-        temp[n_layers] = fwd.lower(params, _batch()).compile().memory_analysis().temp_size_in_bytes
-    dense_layer_bytes = 4 * sum(
-        a * b for a, b in [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
-    )
-    assert temp[2] - temp[1] < dense_layer_bytes / 4, (temp, dense_layer_bytes)
+        cfg, _, params = _at_depth(n_layers)
+        temp[n_layers] = _scratch_bytes(lambda p, b, cfg=cfg: llama.loss(p, b, cfg)[0], params, _batch())
+    assert temp[2] - temp[1] < DENSE_LAYER_BYTES / 4, (temp, DENSE_LAYER_BYTES)
 
 
 # ----------------------------------------------------------------------------
