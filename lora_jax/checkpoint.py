@@ -46,10 +46,10 @@ import numpy as np
 
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
+from lora_jax.errors import BaseMismatchError, CheckpointError
 from lora_jax.models import bert as _bert
 from lora_jax.models import llama as _llama
 from lora_jax.models import load_hf as _load_hf
-from lora_jax.models.load_hf import CheckpointError
 from lora_jax.train import TrainState
 
 PyTree = Any
@@ -59,10 +59,6 @@ TRAIN_FORMAT = "lora_jax.train_state"
 FORMAT_VERSION = 1
 PEFT_CONFIG = "adapter_config.json"
 PEFT_TENSORS = "adapter_model.safetensors"
-
-
-class BaseMismatchError(CheckpointError):
-    """A checkpoint or adapter belongs to another frozen base than the one given."""
 
 
 # ----------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from typing import Any, ClassVar, Literal
 import jax.numpy as jnp
 import yaml
 
+from lora_jax.errors import ConfigError
 from lora_jax.lora import LoraRule
 from lora_jax.models.registry import MODELS
 from lora_jax.quant import QuantRule
@@ -92,27 +93,6 @@ IGNORED_BY_METHOD: dict[str, tuple[str, ...]] = {
     "qlora": (),
 }  # fmt: skip
 """Key-path prefixes a method does not read: dropped from its sweep axes, run names and hash."""
-
-
-class ConfigError(ValueError):
-    """A config problem found before any compute; ``errors`` holds one line per problem.
-
-    Examples:
-      >>> str(ConfigError(["lora.rank: must be >= 1 (got 0)"]))
-      'lora.rank: must be >= 1 (got 0)'
-    """
-
-    def __init__(self, errors: str | Sequence[str]):
-        self.errors = [errors] if isinstance(errors, str) else list(errors)
-        if len(self.errors) == 1:
-            msg = self.errors[0]
-        else:
-            msg = f"{len(self.errors)} problems:\n  - " + "\n  - ".join(self.errors)
-        super().__init__(msg)
-
-    def within(self, where: str) -> ConfigError:
-        """The same errors, each prefixed with ``where`` (a file name, a sweep point)."""
-        return ConfigError([f"{where}: {e}" for e in self.errors])
 
 
 # ----------------------------------------------------------------------------

@@ -17,9 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file and line."""
+from lora_jax.errors import DataError
 
 
 class Conversation(NamedTuple):

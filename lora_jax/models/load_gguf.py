@@ -42,6 +42,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import GGUFError
 from lora_jax.models import tokenizer as _tokenizer
 from lora_jax.models.llama import LlamaConfig
 
@@ -69,8 +70,6 @@ _LAYER_TENSORS = {
 }
 
 
-class GGUFError(ValueError):
-    """A GGUF file that lora-jax cannot load; the message names the file and the problem."""
 
 
 # ----------------------------------------------------------------------------

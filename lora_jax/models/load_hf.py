@@ -26,6 +26,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from lora_jax.errors import CheckpointError
 from lora_jax.models import bert as _bert
 from lora_jax.models import llama as _llama
 
@@ -41,8 +42,6 @@ _CONVERT_HINT = (
 )
 
 
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded as it is (the message names the file and the problem)."""
 
 
 # ----------------------------------------------------------------------------
