@@ -22,9 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 # Metric column -> (axis label, higher is better)
 METRICS = {
@@ -78,7 +76,6 @@ def _save(fig, out_dir: Path, name: str, written: list[Path]) -> None:
         fig.savefig(tmp, dpi=150, bbox_inches="tight")
         os.replace(tmp, p)
         written.append(p)
-    plt.close(fig)
 
 
 def _by_rank(rows, metric, method="lora"):
@@ -115,7 +112,8 @@ def metric_vs_rank(rows, out_dir: Path, written: list[Path]) -> None:
             ranks, means, stds = _by_rank(rows, metric, method)
             if not ranks:
                 continue
-            fig, ax = plt.subplots(figsize=(4.8, 3.4))
+            fig = Figure(figsize=(4.8, 3.4))
+            ax = fig.subplots()
             ax.plot(ranks, means, "o-", color="tab:blue", label=method.upper() if method == "qlora" else "LoRA")
             lo = [m - (s or 0) for m, s in zip(means, stds)]
             hi = [m + (s or 0) for m, s in zip(means, stds)]
@@ -132,7 +130,8 @@ def params_vs_rank(rows, out_dir: Path, written: list[Path]) -> None:
     ranks, means, _ = _by_rank(rows, "trainable_params")
     if not ranks:
         return
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    fig = Figure(figsize=(4.8, 3.4))
+    ax = fig.subplots()
     ax.plot(ranks, means, "o-", label="LoRA (A and B)")
     full, _ = _mean_std([r.get("trainable_params") for r in rows if r.get("method") == "full"])
     if full:
@@ -146,18 +145,19 @@ def params_vs_rank(rows, out_dir: Path, written: list[Path]) -> None:
 
 def cost_vs_rank(rows, out_dir: Path, written: list[Path]) -> None:
     ranks, t_mean, t_std = _by_rank(rows, "step_time_s")
-    _, m_mean, _ = _by_rank(rows, "peak_rss_mb")
+    m_ranks, m_mean, _ = _by_rank(rows, "peak_rss_mb")  # rows may lack one of the two columns
     if not ranks:
         return
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    fig = Figure(figsize=(8.4, 3.2))
+    a1, a2 = fig.subplots(1, 2)
     a1.errorbar(ranks, t_mean, yerr=[s or 0 for s in t_std], fmt="o-", capsize=3)
     _reference_lines(a1, rows, "step_time_s")
     a1.set_ylabel("train step time (s, median)")
     _rank_axis(a1, ranks)
-    a2.plot(ranks, m_mean, "o-", color="tab:green")
+    a2.plot(m_ranks, m_mean, "o-", color="tab:green")
     _reference_lines(a2, rows, "peak_rss_mb")
     a2.set_ylabel("peak resident memory (MB)")
-    _rank_axis(a2, ranks)
+    _rank_axis(a2, m_ranks or ranks)
     for a in (a1, a2):
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=8)
@@ -179,11 +179,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def loss_curves(rows, sweep_dir: Path, out_dir: Path, written: list[Path]) -> None:
-    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    fig = Figure(figsize=(5.2, 3.6))
+    ax = fig.subplots()
     drawn = 0
     runs = sorted((r for r in rows if r.get("method") in ("lora", "qlora", "full")),
                   key=lambda r: (str(r.get("method")), r.get("rank") or 0, r.get("seed") or 0))
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     for i, r in enumerate(runs):
         pts = [(m["step"], m["loss"]) for m in read_metrics(sweep_dir / str(r["run"])) if "loss" in m]
         if not pts:
@@ -195,7 +196,6 @@ def loss_curves(rows, sweep_dir: Path, out_dir: Path, written: list[Path]) -> No
         ax.plot(steps, losses, color=cmap(i / max(1, len(runs) - 1)), label=label, lw=1.2)
         drawn += 1
     if not drawn:
-        plt.close(fig)
         return
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats/token)")
@@ -213,7 +213,8 @@ def quant_formats(rows, out_dir: Path, written: list[Path]) -> None:
     if len(groups) < 2 or not any(k.startswith("QLoRA") for k in groups):
         return
     names = sorted(groups, key=lambda k: (k != "fp32 LoRA", k))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    fig = Figure(figsize=(8.4, 3.2))
+    a1, a2 = fig.subplots(1, 2)
     for ax, col, label in ((a1, "val_loss", METRICS["val_loss"][0]), (a2, "base_bytes", "base weights (MB)")):
         stats = [_mean_std([r.get(col) for r in groups[n]]) for n in names]
         scale = 1e6 if col == "base_bytes" else 1.0

@@ -1,0 +1,51 @@
+"""Figures come from stored files alone and leave the host process's matplotlib settings as they were."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["run", "method", "rank", "seed", "status", "trainable_params", "step_time_s", "val_loss"]
+
+
+def _sweep_dir(tmp_path: Path) -> Path:
+    """A hand-written sweep folder: two LoRA ranks and the base model, with loss curves."""
+    rows = [
+        {"run": "base", "method": "base", "rank": "", "seed": 0, "status": "finished", "val_loss": 3.0},
+        {"run": "lora_r1", "method": "lora", "rank": 1, "seed": 0, "status": "finished", "trainable_params": 10,
+         "step_time_s": 0.5, "val_loss": 2.5},
+        {"run": "lora_r4", "method": "lora", "rank": 4, "seed": 0, "status": "finished", "trainable_params": 40,
+         "step_time_s": 0.6, "val_loss": 2.4},
+    ]
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    with open(sweep / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    for r in rows[1:]:
+        (sweep / r["run"]).mkdir()
+        lines = [json.dumps({"step": s, "loss": 3.0 - 0.1 * s}) for s in range(1, 6)]
+        (sweep / r["run"] / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return sweep
+
+
+def test_figures_leave_pyplot_and_the_backend_alone(tmp_path):
+    sweep = _sweep_dir(tmp_path)
+    code = (
+        "import sys, matplotlib\n"
+        "matplotlib.rcParams['backend'] = 'svg'\n"
+        "from lora_jax import plots\n"
+        "files = plots.make_all(sys.argv[1])\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "assert 'jax' not in sys.modules\n"
+        "print(len(files))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(sweep)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    names = {p.name for p in (sweep / "figures").iterdir()}
+    assert int(r.stdout) == len(names) >= 6
+    assert {"val_loss_vs_rank.png", "val_loss_vs_rank.pdf", "loss_curves.png", "trainable_params_vs_rank.pdf"} <= names
