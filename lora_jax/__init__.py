@@ -1,7 +1,10 @@
 """lora-jax: LoRA and QLoRA as pure transformations of JAX parameter pytrees.
 
-Submodules load on first use, so tools that only read stored results
-(``lora_jax.plots``) never import JAX.
+Submodules load on first use: ``import lora_jax`` imports no JAX and changes
+no process setting, and tools that only read stored results
+(``lora_jax.plots``) never import JAX. Process-level choices (the host
+allocator, :mod:`lora_jax.hostmem`) are made by the ``lora-jax`` command or
+explicitly by the caller.
 
 Examples:
   >>> import jax, jax.numpy as jnp, optax
@@ -17,16 +20,12 @@ Examples:
 
 import importlib
 
-from lora_jax import hostmem as _hostmem
-
-# Before any JAX computation: XLA:CPU's per-step scratch buffer then stays
-# mapped instead of being page-faulted in again on every step (see hostmem).
-_hostmem.configure()
-
 __version__ = "0.1.0"
 
-_SUBMODULES = ("adapters", "checkpoint", "config", "data", "flax_adapt", "generate", "hostmem", "lora", "metrics",
-               "models", "optim", "paths", "plan", "plots", "quant", "sweep", "train")
+_SUBMODULES = (
+    "adapters", "checkpoint", "cli", "config", "data", "errors", "flax_adapt", "generate", "hostmem", "lora",
+    "metrics", "models", "optim", "paths", "plan", "plots", "quant", "sweep", "train",
+)
 _NAMES = {
     "LoraRule": "lora",
     "LoraWeight": "lora",
@@ -34,6 +33,7 @@ _NAMES = {
     "unmerge": "lora",
     "split": "paths",
     "combine": "paths",
+    "LoraJaxError": "errors",
     "QTensor": "quant",
     "QuantRule": "quant",
     "quantize": "quant",

@@ -9,6 +9,12 @@
     lora-jax models                                          the embedded models and whether installed
 
 Heavy modules load inside each subcommand, so ``plot`` never imports JAX.
+Process-level choices belong here, not to ``import lora_jax``: before any
+subcommand runs, :func:`process_settings` applies the host allocator settings
+of :mod:`lora_jax.hostmem` (``LORA_JAX_MALLOC=system`` keeps the system's).
+Errors in the user's input (:class:`lora_jax.errors.LoraJaxError`, missing
+files) print as one paragraph with exit code 2; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +23,20 @@ import argparse
 import dataclasses
 import json
 import sys
+
+from lora_jax import hostmem
+from lora_jax.errors import LoraJaxError
+
+
+def process_settings() -> bool:
+    """Apply the command's process-wide settings; call before the first JAX computation.
+
+    The host allocator keeps XLA:CPU's per-step scratch buffer mapped between
+    steps (:func:`lora_jax.hostmem.configure`; measured in
+    ``experiments/benchmarks/train_step.py`` in both loop styles). Returns
+    whether those settings are in effect.
+    """
+    return hostmem.configure()
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -156,10 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "plot":
+        process_settings()
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
-        # Config and input errors: one clear line, no traceback.
+    except (LoraJaxError, ValueError, OSError, ModuleNotFoundError) as e:
+        # Input errors (configs, files, missing extras): one clear paragraph, no traceback.
         print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -17,11 +17,17 @@ pages (no faults; 1.18 -> 0.90 s on that step). Peak memory is unchanged; the
 resident size after a step no longer drops back, which is what a training
 process wants.
 
-``import lora_jax`` calls :func:`configure`, because the settings only reach
-threads that have not allocated yet: import lora_jax before the first JAX
-computation. Set the environment variable ``LORA_JAX_MALLOC=system`` to keep
-the system allocator's defaults. Elsewhere than glibc (macOS, musl) nothing
-changes.
+Nothing here runs on import: ``import lora_jax`` leaves the process's
+allocator as it was. The ``lora-jax`` command calls :func:`configure` at
+start-up (:func:`lora_jax.cli.process_settings`), before JAX starts its
+threads; research code that wants the same calls it before its first JAX
+computation (the settings only reach threads that have not allocated yet), or
+sets glibc's equivalent ``MALLOC_*`` environment variables (``mallopt(3)``). Set
+``LORA_JAX_MALLOC=system`` to keep the system allocator's defaults even under
+the command. Elsewhere than glibc (macOS, musl) nothing changes.
+``experiments/benchmarks/train_step.py`` measures the step with and without
+these settings, in the loop that blocks after every step and in the loop that
+dispatches ahead.
 """
 
 from __future__ import annotations

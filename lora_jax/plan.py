@@ -48,7 +48,7 @@ def plan_run(name: str, cfg: _config.ExperimentConfig, *, compile_cost: bool = T
         filt = _paths.everything if cfg.method == "full" else _paths.is_trainable_leaf
         state = _train.init_state(params, tx, jax.random.key(0), filt)
         step = _train.make_train_step(sweep._loss_fn(model.config), tx)
-        compiled = step.compiled.lower(state.trainable, state.opt_state, state.frozen, state.key, state.step,
+        compiled = step.jitted.lower(state.trainable, state.opt_state, state.frozen, state.key, state.step,
                                        _abstract_batch(cfg)).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost

@@ -62,26 +62,44 @@ def init_state(
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, donate: bool = True):
-    """Build ``train_step(state, batch) -> (state, metrics)``.
+    """Build a pure ``train_step(state, batch) -> (state, metrics)``.
+
+    The step is an ordinary JAX function: call it as it is (its update is
+    jit-compiled once per argument signature), or put it under ``jax.jit``,
+    ``jax.vmap`` (e.g. several adapter sets on one frozen base) or
+    ``lax.scan`` (several steps in one program).
 
     Args:
       loss_fn: ``(params, batch) -> (loss, aux_dict)``.
       tx: the optax transformation (its state lives in ``state.opt_state``).
       donate: let XLA reuse the buffers of the old trainable params and
-        optimizer state for the new ones.
+        optimizer state for the new ones (when called outside other
+        transformations; inside them XLA decides).
 
-    The compiled core takes ``(trainable, opt_state, frozen, key, step, batch)``;
-    the returned function is a thin wrapper that rebuilds the state, so the
-    frozen weights are neither copied nor returned. It compiles the core ahead
-    of time once per argument signature (pytree structure, shapes, dtypes,
-    placement) and keeps only the executables: a second call with the same
-    shapes does not recompile (``train_step.cache_size()`` counts them), and
-    jax's tracing caches for the step do not stay resident beside it.
-    ``train_step.compiled`` is the ``jax.jit`` of the core, for inspection
-    (``.lower(...).cost_analysis()``).
+    Returns:
+      ``train_step``, with ``train_step.jitted``, the ``jax.jit`` of its
+      update ``(trainable, opt_state, frozen, key, step, batch) -> (trainable,
+      opt_state, step, metrics)`` for inspection (``.lower(...).cost_analysis()``),
+      and ``train_step.cache_size()``, the number of argument signatures it
+      was traced for. :func:`ahead_of_time` wraps it for long runs.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
+      >>> params = lj.lora.init(jax.random.key(0), {"w": {"kernel": jnp.ones((4, 3))}},
+      ...                       [lj.LoraRule(pattern=".*kernel", rank=2)])
+      >>> loss = lambda p, b: (jnp.mean((b @ p["w"]["kernel"]) ** 2), {})
+      >>> tx = optax.sgd(0.1)
+      >>> step = lj.train.make_train_step(loss, tx)
+      >>> state = lj.train.init_state(params, tx, jax.random.key(1))
+      >>> batches = jnp.ones((3, 2, 4))
+      >>> state, metrics = jax.lax.scan(step, state, batches)   # three steps in one program
+      >>> int(state.step), metrics["loss"].shape
+      (3, (3,))
     """
+    traces = []
 
-    def core(trainable, opt_state, frozen, key, step, batch):
+    def update(trainable, opt_state, frozen, key, step, batch):
+        traces.append(None)  # runs once per trace, not per call
         step_key = jax.random.fold_in(key, step)
 
         def objective(t):
@@ -92,25 +110,51 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, donate
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
-        return trainable, opt_state, metrics
+        return trainable, opt_state, step + 1, metrics
 
-    donate_argnums = (0, 1) if donate else ()
-    compiled = jax.jit(core, donate_argnums=donate_argnums)
-    executables = {}
+    update.__name__ = update.__qualname__ = "train_step"
+    jitted = jax.jit(update, donate_argnums=(0, 1) if donate else ())
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        trainable, opt_state, step, metrics = jitted(
+            state.trainable, state.opt_state, state.frozen, state.key, state.step, batch
+        )
+        return state._replace(step=step, trainable=trainable, opt_state=opt_state), metrics
+
+    train_step.jitted = jitted
+    train_step.update = update
+    train_step.donate = donate
+    train_step.cache_size = lambda: len(traces)
+    return train_step
+
+
+def ahead_of_time(train_step):
+    """Wrap a step from :func:`make_train_step` to compile ahead of time and keep only executables.
+
+    ``jax.jit`` keeps the traced program and its lowered StableHLO beside each
+    executable for as long as the function lives (the lowered SmolLM2-135M
+    step alone holds 40-50 MB). The wrapper compiles a fresh trace per
+    argument signature (pytree structure, shapes, dtypes, placement), keeps
+    the executable only, and hands compilation's freed host memory back
+    before the first step runs. It is a plain Python function: use it for the
+    outermost loop, not under ``jax.jit``/``vmap``/``scan``.
+    ``wrapped.cache_size()`` counts the executables.
+    """
+    update, donate = train_step.update, train_step.donate
+    executables = {}
+
+    def wrapped(state: TrainState, batch) -> tuple[TrainState, dict]:
         args = (state.trainable, state.opt_state, state.frozen, state.key, state.step, batch)
         leaves, treedef = jax.tree.flatten(args)
         signature = (treedef, *map(_signature, leaves))
         exe = executables.get(signature)
         if exe is None:
-            exe = executables[signature] = _compile(core, donate_argnums, args)
-        trainable, opt_state, metrics = exe(*args)
-        return state._replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+            exe = executables[signature] = _compile(update, (0, 1) if donate else (), args)
+        trainable, opt_state, step, metrics = exe(*args)
+        return state._replace(step=step, trainable=trainable, opt_state=opt_state), metrics
 
-    train_step.compiled = compiled  # for inspection: lower(...).cost_analysis(), memory_analysis()
-    train_step.cache_size = lambda: len(executables)
-    return train_step
+    wrapped.cache_size = lambda: len(executables)
+    return wrapped
 
 
 def _signature(x) -> tuple:
@@ -118,17 +162,11 @@ def _signature(x) -> tuple:
     return np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "weak_type", False), getattr(x, "sharding", None)
 
 
-def _compile(core, donate_argnums, args):
-    """Compile ``core`` ahead of time for ``args`` and keep only the executable.
-
-    ``jax.jit`` caches the traced program and its lowered StableHLO beside
-    the executable for as long as the traced function lives (the lowered
-    SmolLM2-135M step alone holds 40-50 MB). Tracing a fresh wrapper lets
-    those caches go with it; the executable is all a train step needs.
-    """
+def _compile(update, donate_argnums, args):
+    """Compile ``update`` for ``args`` through a fresh wrapper, so jax's tracing caches go with it."""
 
     def step_fn(*a):
-        return core(*a)
+        return update(*a)
 
     step_fn.__name__ = step_fn.__qualname__ = "train_step"
     exe = jax.jit(step_fn, donate_argnums=donate_argnums).lower(*args).compile()

@@ -85,7 +85,12 @@ def test_gpu_script_runs_on_cpu_for_ours_and_peft():
 def test_train_step_benchmark_tiny():
     import train_step
 
-    res = train_step.main(["--tiny", "--reps", "1", "--no-rss"])
+    # --malloc system: this test process keeps its allocator; the loop-style children set their own.
+    res = train_step.main(["--tiny", "--reps", "1", "--no-rss", "--malloc", "system"])
     assert res["lora_step_s"] > 0 and res["qlora_step_s"] > 0
+    assert res["malloc_configured"] == (train_step.hostmem._libc() is not None)
+    for suffix in ("", "_system_malloc"):
+        assert res[f"lora_step_s_blocked{suffix}"] > 0 and res[f"lora_step_s_pipelined{suffix}"] > 0
+        assert np.isfinite(res[f"pipelined_over_blocked{suffix}"])
     assert 4.0 < res["base_bits_per_param"] < 4.6
     assert np.isfinite(res["lora_mfu"])

@@ -1,5 +1,7 @@
 """The jit-compiled train step: what changes, what does not, no recompilation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +72,72 @@ def test_no_recompilation_on_the_second_step(setup):
     assert step.cache_size() == 2
 
 
+def test_ahead_of_time_step_compiles_once_per_signature_and_matches_the_pure_step(setup):
+    params, batch = setup
+    adapted = lora.init(jax.random.key(2), params, [lj.LoraRule.all_linear(2, dropout=0.1)])
+    tx = optax.adam(1e-3)
+    step = train.make_train_step(loss_fn, tx)
+    aot = train.ahead_of_time(step)
+    s1 = s2 = train.init_state(adapted, tx, jax.random.key(0))
+    s2 = jax.tree.map(jnp.copy, s2)
+    for _ in range(2):
+        s1, m1 = step(s1, batch)
+        s2, m2 = aot(s2, batch)
+    assert aot.cache_size() == 1 and int(s2.step) == 2
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s1.trainable, s2.trainable)
+    aot(s2, jax.tree.map(lambda x: x[:, :-1], batch))
+    assert aot.cache_size() == 2
+
+
+def _two_adapter_sets(setup):
+    """Two states on one frozen base that differ in A's init and in their dropout keys."""
+    params, batch = setup
+    rules = [lj.LoraRule(pattern=SEVEN, rank=4, alpha=8, dropout=0.1)]
+    tx = optax.adamw(1e-2)
+    states = [train.init_state(lora.init(jax.random.key(10 + i), params, rules), tx, jax.random.key(20 + i))
+              for i in range(2)]
+    return states, tx, batch
+
+
+def _assert_trees_close(a, b):
+    # Batched matmuls sum in another order; Adam's normalisation makes that visible near 1e-5.
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5), a, b)
+
+
+def test_step_under_vmap_over_two_adapter_sets_equals_two_separate_steps(setup):
+    states, tx, batch = _two_adapter_sets(setup)
+    step = train.make_train_step(loss_fn, tx, donate=False)
+    axes = train.TrainState(step=None, trainable=0, frozen=None, opt_state=0, key=0)
+    stacked = states[0]._replace(
+        **{f: jax.tree.map(lambda *x: jnp.stack(x), *(getattr(s, f) for s in states))
+           for f in ("trainable", "opt_state", "key")}
+    )
+    vstep = jax.vmap(step, in_axes=(axes, None), out_axes=(axes, 0))
+    for _ in range(2):
+        stacked, vm = vstep(stacked, batch)
+        states, ms = zip(*(step(s, batch) for s in states))
+    for i, (s, m) in enumerate(zip(states, ms)):
+        _assert_trees_close(jax.tree.map(lambda x, i=i: x[i], stacked.trainable), s.trainable)
+        np.testing.assert_allclose(vm["loss"][i], m["loss"], rtol=1e-5)
+    assert not np.allclose(vm["loss"][0], vm["loss"][1])  # the two sets really differ
+
+
+def test_step_inside_scan_over_three_batches_equals_three_calls(setup):
+    (state, _), tx, batch = _two_adapter_sets(setup)
+    batches = jax.tree.map(lambda x: jnp.stack([jnp.roll(x, i, axis=1) for i in range(3)]), batch)
+    step = train.make_train_step(loss_fn, tx, donate=False)
+    scanned, scanned_metrics = jax.jit(lambda s, b: jax.lax.scan(step, s, b))(state, batches)
+    losses = []
+    for i in range(3):
+        state, m = step(state, jax.tree.map(lambda x, i=i: x[i], batches))
+        losses.append(m["loss"])
+    assert int(scanned.step) == int(state.step) == 3
+    np.testing.assert_allclose(scanned_metrics["loss"], losses, rtol=1e-5)
+    _assert_trees_close(scanned.trainable, state.trainable)
+    _assert_trees_close(scanned.opt_state, state.opt_state)
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_loss_falls_when_overfitting_one_batch(setup, mode):
     params, batch = setup
@@ -92,10 +160,16 @@ def test_loss_falls_when_overfitting_one_batch(setup, mode):
 
 def test_eval_step_matches_loss(setup):
     params, batch = setup
-    adapted = lora.init(jax.random.key(2), params, [lj.LoraRule.all_linear(2)])
+    adapted = lora.init(jax.random.key(2), params, [lj.LoraRule.all_linear(2, dropout=0.5)])
+    # Non-zero B, so the adapters change the loss; evaluation applies no dropout.
+    adapted = jax.tree.map(
+        lambda x: dataclasses.replace(x, lora_b=jax.random.normal(jax.random.key(4), x.lora_b.shape))
+        if lora.is_lora(x) else x,
+        adapted, is_leaf=lora.is_lora)
     t, f = lj.split(adapted)
     m = train.make_eval_step(loss_fn)(t, f, batch)
-    np.testing.assert_allclose(m["loss"], loss_fn(params, batch)[0], rtol=1e-6)
+    np.testing.assert_allclose(m["loss"], loss_fn(lj.merge(adapted), batch)[0], rtol=1e-5)
+    assert abs(float(m["loss"]) - float(loss_fn(params, batch)[0])) > 1e-2
 
 
 def test_init_state_without_adapters_is_an_error(setup):

@@ -25,12 +25,24 @@ Keys:
   <mode>_step_peak_rss_mb    the same process, steady-state train steps only
   qlora_peak_rss_saving_fraction, qlora_step_peak_rss_saving_fraction
                              (lora - qlora) / (fp32 - packed bytes of the quantized matrices)
+  lora_step_s_blocked, lora_step_s_pipelined
+                             the LoRA step in the two loops users write, each in a child process
+                             with the `lora-jax` command's process settings (its allocator choice,
+                             see lora_jax.cli.process_settings): blocking on the loss after every
+                             step, and dispatching all steps ahead and blocking at the end
+  pipelined_over_blocked     median of the per-round ratios of the two
+  lora_step_s_{blocked,pipelined}_system_malloc, pipelined_over_blocked_system_malloc
+                             the same with the system allocator's defaults (LORA_JAX_MALLOC=system)
+  malloc_configured          whether the command's allocator settings were in effect
+
+The main process applies the command's process settings too (--malloc system: the system's).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -43,6 +55,7 @@ import numpy as np
 import optax
 
 import lora_jax as lj
+from lora_jax import cli, hostmem
 from lora_jax.models import llama
 from lora_jax.sweep import peak_rss_mb, reset_peak_rss
 
@@ -144,11 +157,60 @@ def rss_only(mode: str, args) -> None:
     print(json.dumps({"peak_rss_mb": max(whole, peak_rss_mb()), "step_peak_rss_mb": peak_rss_mb()}))
 
 
-def peak_rss(mode: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--rss-only", mode, "--rank", str(args.rank),
-           "--batch", str(args.batch), "--seq", str(args.seq)] + (["--tiny"] if args.tiny else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+def _child(flags: list[str], args, malloc: str | None = None) -> dict:
+    """Run this script with ``flags`` in a fresh process; return the JSON of its last line."""
+    cmd = [sys.executable, __file__, *flags, "--rank", str(args.rank), "--batch", str(args.batch),
+           "--seq", str(args.seq), "--reps", str(args.reps), "--malloc", malloc or args.malloc]
+    cmd += ["--tiny"] if args.tiny else []
+    env = {k: v for k, v in os.environ.items() if k != hostmem.ENV}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def peak_rss(mode: str, args) -> dict:
+    return _child(["--rss-only", mode], args)
+
+
+def loops_only(args) -> None:
+    """Run in a child process: the LoRA step in the two loops users write, interleaved by rounds.
+
+    Each round times ``k`` steps that block on the loss after every step
+    (``float(metrics["loss"])``, as a loop that logs it does) and ``k`` steps
+    dispatched ahead with one block at the end (the README's loop). Prints
+    seconds per step of each round.
+    """
+    cfg = model_config(args.tiny)
+    step, state, batch = build("lora", cfg, args.rank, args.batch, args.seq)
+    k = 4 if args.tiny else 5
+    state, m = step(state, batch)  # compile
+    float(m["loss"])
+    rounds = {"blocked": [], "pipelined": []}
+    for _ in range(max(2, args.reps // 3) + 1):  # first round is warm-up
+        t0 = time.perf_counter()
+        for _ in range(k):
+            state, m = step(state, batch)
+            float(m["loss"])
+        rounds["blocked"].append((time.perf_counter() - t0) / k)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            state, m = step(state, batch)
+        jax.block_until_ready((state, m))
+        rounds["pipelined"].append((time.perf_counter() - t0) / k)
+    print(json.dumps({**{k: v[1:] for k, v in rounds.items()}, "malloc_configured": hostmem.configured()}))
+
+
+def loop_styles(args) -> dict:
+    """Both loop styles with the command's allocator choice and with the system's, in clean processes."""
+    out = {}
+    for malloc, suffix in (("cli", ""), ("system", "_system_malloc")):
+        r = _child(["--loops-only"], args, malloc)
+        out[f"lora_step_s_blocked{suffix}"] = round(statistics.median(r["blocked"]), 4)
+        out[f"lora_step_s_pipelined{suffix}"] = round(statistics.median(r["pipelined"]), 4)
+        ratio = statistics.median(p / b for p, b in zip(r["pipelined"], r["blocked"]))
+        out[f"pipelined_over_blocked{suffix}"] = round(ratio, 4)
+        if malloc == "cli":
+            out["malloc_configured"] = r["malloc_configured"]
+    return out
 
 
 def main(argv=None) -> dict:
@@ -159,10 +221,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10, help="interleaved repetitions after warm-up")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--no-loops", action="store_true", help="skip the loop-style child processes")
+    ap.add_argument("--malloc", choices=["cli", "system"], default="cli",
+                    help="host allocator: the lora-jax command's choice (default) or the system's")
     ap.add_argument("--rss-only", choices=["lora", "full", "qlora"], help=argparse.SUPPRESS)
+    ap.add_argument("--loops-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.malloc == "cli":
+        cli.process_settings()  # before the first JAX computation, as the command does
     if args.rss_only:
         rss_only(args.rss_only, args)
+        return {}
+    if args.loops_only:
+        loops_only(args)
         return {}
 
     cfg = model_config(args.tiny)
@@ -195,7 +266,7 @@ def main(argv=None) -> dict:
         t, (state, _) = timed(lambda step=step, state=state, batch=batch: step(state, batch))  # compile + first step
         compile_s[mode] = t
         runs[mode] = [step, state, batch]
-    cost = runs["lora"][0].compiled.lower(
+    cost = runs["lora"][0].jitted.lower(
         runs["lora"][1].trainable, runs["lora"][1].opt_state, runs["lora"][1].frozen,
         runs["lora"][1].key, runs["lora"][1].step, runs["lora"][2]).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -253,9 +324,11 @@ def main(argv=None) -> dict:
         "trainable_params": lj.lora.count(runs["lora"][1].params).trainable,
         "jax": jax.__version__,
         "machine": f"{platform.machine()} {jax.device_count()}x{jax.devices()[0].platform}",
-        "threads": len(__import__("os").sched_getaffinity(0)),
+        "threads": len(os.sched_getaffinity(0)),
         "numpy": np.__version__,
     }
+    if not args.no_loops:
+        result.update(loop_styles(args))
     if not args.no_rss:
         rss = {mode: peak_rss(mode, args) for mode in modes}
         target = (fp32_bytes - qfp.nbytes) / 2**20
