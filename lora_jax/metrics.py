@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.models import layers as _layers
 from lora_jax.models import llama as _llama
 
 PyTree = Any
@@ -71,9 +72,7 @@ def _window_nll(params, tokens_BT, weights_BT, config):
     """Sum of NLL of ``tokens[:, 1:]`` weighted by ``weights[:, 1:]``, per row."""
     h_BTD = _llama.hidden_states(params, tokens_BT, config)
     logits_BTV = (h_BTD[:, :-1] @ _llama.output_head(params, config)).astype(jnp.float32)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    picked_BT = jnp.take_along_axis(logits_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum((lse_BT - picked_BT) * weights_BT[:, 1:], axis=-1)
+    return jnp.sum(_layers.token_nll(logits_BTV, tokens_BT[:, 1:]) * weights_BT[:, 1:], axis=-1)
 
 
 def perplexity(

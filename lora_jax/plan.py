@@ -16,6 +16,7 @@ from lora_jax import config as _config
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
 from lora_jax import train as _train
+from lora_jax.runner import build as _build
 
 
 def _abstract_batch(cfg: _config.ExperimentConfig) -> dict:
@@ -32,10 +33,10 @@ def plan_run(name: str, cfg: _config.ExperimentConfig, *, compile_cost: bool = T
     model = sweep.load_model(cfg.model)
     params = model.params
     if cfg.method == "qlora":
-        params = quant.quantize(params, cfg.quant.to_rules(cfg.model.dtype))
+        params = quant.quantize(params, _build.quant_rules(cfg.quant, cfg.model.dtype))
     if cfg.method in ("lora", "qlora"):
-        _config.check_against_model(cfg, {p: tuple(x.shape) for p, x in _paths.leaves_with_paths(model.params)})
-        params = _lora.init(jax.random.key(cfg.seed), params, cfg.lora.to_rules())
+        _build.check_against_model(cfg, {p: tuple(x.shape) for p, x in _paths.leaves_with_paths(model.params)})
+        params = _lora.init(jax.random.key(cfg.seed), params, _build.lora_rules(cfg.lora))
     counts = _lora.count(params)
     base = quant.footprint(jax.tree.map(lambda x: x.base if _lora.is_lora(x) else x, params, is_leaf=_lora.is_node))
     trainable = {"base": 0, "full": counts.total}.get(cfg.method, counts.trainable)

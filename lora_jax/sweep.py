@@ -46,6 +46,7 @@ from lora_jax import hostmem
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
 from lora_jax import train as _train
+from lora_jax.runner import build as _build
 
 RESULT_COLUMNS = [
     "run", "method", "rank", "alpha", "seed", "quant_format", "quant_block_size", "status", "reason",
@@ -229,11 +230,11 @@ def _prepare(cfg: _config.ExperimentConfig, model: LoadedModel) -> RunContext:
     if cfg.method == "qlora":
         from lora_jax import quant
 
-        params = quant.quantize(params, cfg.quant.to_rules(cfg.model.dtype))
+        params = quant.quantize(params, _build.quant_rules(cfg.quant, cfg.model.dtype))
     if cfg.method in ("lora", "qlora"):
-        _config.check_against_model(cfg, {p: tuple(x.shape) for p, x in
+        _build.check_against_model(cfg, {p: tuple(x.shape) for p, x in
                                           _paths.leaves_with_paths(model.params)})
-        params = _lora.init(jax.random.fold_in(jax.random.key(cfg.seed), 1), params, cfg.lora.to_rules())
+        params = _lora.init(jax.random.fold_in(jax.random.key(cfg.seed), 1), params, _build.lora_rules(cfg.lora))
     info = {"task": task.info(), "dataset_hash": task.dataset_hash, "n_val": len(val),
             "n_train": None if train_data is None else int(train_data["tokens"].shape[0])}
     return RunContext(cfg, model, task, train_data, _data.pad_examples(val, T, pad_id=pad_id), params, info)
@@ -397,7 +398,7 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
         from lora_jax import adapters
 
         adapters.save_adapter(run_dir / "adapter", params, base_model_id=cfg.model.name,
-                              base_hash=model.fingerprint, rules=cfg.lora.to_rules())
+                              base_hash=model.fingerprint, rules=_build.lora_rules(cfg.lora))
     trainable = counts.total if cfg.method == "full" else (0 if cfg.method == "base" else counts.trainable)
     base_fp = quant.footprint(jax.tree.map(lambda x: x.base if _lora.is_lora(x) else x, ctx.params,
                                            is_leaf=_lora.is_node))

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.models import layers as _layers
+
 PyTree = Any
 
 _ACTIVATIONS = {
@@ -95,10 +97,7 @@ def init(key: jax.Array, config: BertConfig, dtype=jnp.float32) -> PyTree:
       (32, 64)
     """
     c = config
-    keys = iter(jax.random.split(key, 3 + 6 * c.n_layers))
-
-    def w(shape):
-        return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+    w = _layers.normal_init(key, 3 + 6 * c.n_layers, dtype)
 
     def proj(d_in, d_out):
         return {"kernel": w((d_in, d_out)), "bias": jnp.zeros((d_out,), dtype)}
@@ -133,29 +132,22 @@ def layer_norm(x: jax.Array, p: PyTree, eps: float) -> jax.Array:
     return (y * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
-def _linear(x, p):
-    y = x @ p["kernel"]
-    if "bias" in p:
-        y = y + p["bias"].astype(y.dtype)
-    return y
-
-
 def attention(p: PyTree, x_BTD: jax.Array, mask_BS: jax.Array, c: BertConfig) -> jax.Array:
     """Bidirectional multi-head self-attention; ``mask_BS`` is True at the keys to attend to."""
     B, T, _ = x_BTD.shape
     N, H = c.n_heads, c.head_dim
-    q_BTNH = _linear(x_BTD, p["q_proj"]).reshape(B, T, N, H)
-    k_BSNH = _linear(x_BTD, p["k_proj"]).reshape(B, T, N, H)
-    v_BSNH = _linear(x_BTD, p["v_proj"]).reshape(B, T, N, H)
+    q_BTNH = _layers.linear(x_BTD, p["q_proj"]).reshape(B, T, N, H)
+    k_BSNH = _layers.linear(x_BTD, p["k_proj"]).reshape(B, T, N, H)
+    v_BSNH = _layers.linear(x_BTD, p["v_proj"]).reshape(B, T, N, H)
     logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) / jnp.asarray(math.sqrt(H), x_BTD.dtype)
     logits_BNTS = jnp.where(mask_BS[:, None, None, :], logits_BNTS.astype(jnp.float32), -1e30)
     probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(x_BTD.dtype)
     out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
-    return _linear(out_BTNH.reshape(B, T, N * H), p["o_proj"])
+    return _layers.linear(out_BTNH.reshape(B, T, N * H), p["o_proj"])
 
 
 def mlp(p: PyTree, x_BTD: jax.Array, c: BertConfig) -> jax.Array:
-    return _linear(_ACTIVATIONS[c.act](_linear(x_BTD, p["up_proj"])), p["down_proj"])
+    return _layers.linear(_ACTIVATIONS[c.act](_layers.linear(x_BTD, p["up_proj"])), p["down_proj"])
 
 
 def apply(

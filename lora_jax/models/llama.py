@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax.models import layers as _layers
+
 PyTree = Any
 
 
@@ -99,10 +101,7 @@ def init(key: jax.Array, config: LlamaConfig, dtype=jnp.float32) -> PyTree:
       (32, 16)
     """
     c = config
-    keys = iter(jax.random.split(key, 2 + 7 * c.n_layers))
-
-    def w(shape):
-        return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+    w = _layers.normal_init(key, 2 + 7 * c.n_layers, dtype)
 
     def proj(d_in, d_out, bias=False):
         p = {"kernel": w((d_in, d_out))}
@@ -167,13 +166,6 @@ def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax
     return x_BTNH * cos + swapped * sin
 
 
-def _linear(x, p):
-    y = x @ p["kernel"]
-    if "bias" in p:
-        y = y + p["bias"].astype(y.dtype)
-    return y
-
-
 #: Queries are processed in blocks of this many positions; block ``i`` computes
 #: scores only against the keys of blocks ``0..i`` (the rest are causally
 #: masked). At 128 tokens that skips a quarter of the attention matmuls.
@@ -208,9 +200,9 @@ def attention(p: PyTree, x_BTD: jax.Array, cos, sin, mask_BTS: jax.Array, c: Lla
     """
     B, T, _ = x_BTD.shape
     K, G, H = c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim
-    q_BTKGH = apply_rope(_linear(x_BTD, p["q_proj"]).reshape(B, T, K * G, H), cos, sin).reshape(B, T, K, G, H)
-    k_BSKH = apply_rope(_linear(x_BTD, p["k_proj"]).reshape(B, T, K, H), cos, sin)
-    v_BSKH = _linear(x_BTD, p["v_proj"]).reshape(B, T, K, H)
+    q_BTKGH = apply_rope(_layers.linear(x_BTD, p["q_proj"]).reshape(B, T, K * G, H), cos, sin).reshape(B, T, K, G, H)
+    k_BSKH = apply_rope(_layers.linear(x_BTD, p["k_proj"]).reshape(B, T, K, H), cos, sin)
+    v_BSKH = _layers.linear(x_BTD, p["v_proj"]).reshape(B, T, K, H)
     n = causal_blocks(T)
     size = T // n
     outs = []
@@ -218,7 +210,7 @@ def attention(p: PyTree, x_BTD: jax.Array, cos, sin, mask_BTS: jax.Array, c: Lla
         lo, hi = i * size, (i + 1) * size
         outs.append(_attend(q_BTKGH[:, lo:hi], k_BSKH[:, :hi], v_BSKH[:, :hi], mask_BTS[:, lo:hi, :hi], x_BTD.dtype))
     out_BTKGH = outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
-    return _linear(out_BTKGH.reshape(B, T, K * G * H), p["o_proj"])
+    return _layers.linear(out_BTKGH.reshape(B, T, K * G * H), p["o_proj"])
 
 
 def _attend(q_BTKGH, k_BSKH, v_BSKH, mask_BTS, dtype):
@@ -258,8 +250,8 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 def mlp(p: PyTree, x_BTD: jax.Array) -> jax.Array:
-    h_BTF = swiglu(_linear(x_BTD, p["gate_proj"]), _linear(x_BTD, p["up_proj"]))
-    return _linear(h_BTF, p["down_proj"])
+    h_BTF = swiglu(_layers.linear(x_BTD, p["gate_proj"]), _layers.linear(x_BTD, p["up_proj"]))
+    return _layers.linear(h_BTF, p["down_proj"])
 
 
 def hidden_states(
@@ -337,10 +329,8 @@ def loss(params: PyTree, batch: dict, config: LlamaConfig, *, remat: bool = Fals
     logits_BTV = (hidden_BTD[:, :-1] @ output_head(params, config)).astype(jnp.float32)
     targets_BT = tokens_BT[:, 1:]
     weights_BT = mask_BT[:, 1:].astype(jnp.float32)
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     n = jnp.maximum(weights_BT.sum(), 1.0)
-    return jnp.sum((lse_BT - picked_BT) * weights_BT) / n, {"n_tokens": weights_BT.sum()}
+    return jnp.sum(_layers.token_nll(logits_BTV, targets_BT) * weights_BT) / n, {"n_tokens": weights_BT.sum()}
 
 
 def matmul_flops_per_token(config: LlamaConfig, seq_len: int) -> dict[str, float]:
@@ -381,15 +371,15 @@ def attention_cached(
     """
     B, T, _ = x_BTD.shape
     K, G, H = c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim
-    q_BTKGH = apply_rope(_linear(x_BTD, p["q_proj"]).reshape(B, T, K * G, H), cos, sin).reshape(B, T, K, G, H)
-    k_BTKH = apply_rope(_linear(x_BTD, p["k_proj"]).reshape(B, T, K, H), cos, sin)
-    v_BTKH = _linear(x_BTD, p["v_proj"]).reshape(B, T, K, H)
+    q_BTKGH = apply_rope(_layers.linear(x_BTD, p["q_proj"]).reshape(B, T, K * G, H), cos, sin).reshape(B, T, K, G, H)
+    k_BTKH = apply_rope(_layers.linear(x_BTD, p["k_proj"]).reshape(B, T, K, H), cos, sin)
+    v_BTKH = _layers.linear(x_BTD, p["v_proj"]).reshape(B, T, K, H)
     zero = jnp.zeros((), jnp.int32)
     start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
     k_BSKH = jax.lax.dynamic_update_slice(layer_cache["k"], k_BTKH.astype(layer_cache["k"].dtype), start)
     v_BSKH = jax.lax.dynamic_update_slice(layer_cache["v"], v_BTKH.astype(layer_cache["v"].dtype), start)
     out_BTKGH = _attend(q_BTKGH, k_BSKH.astype(q_BTKGH.dtype), v_BSKH.astype(x_BTD.dtype), mask_BTS, x_BTD.dtype)
-    return _linear(out_BTKGH.reshape(B, T, K * G * H), p["o_proj"]), {"k": k_BSKH, "v": v_BSKH}
+    return _layers.linear(out_BTKGH.reshape(B, T, K * G * H), p["o_proj"]), {"k": k_BSKH, "v": v_BSKH}
 
 
 def hidden_states_cached(

@@ -22,8 +22,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-
 PyTree = Any
 
 
@@ -142,7 +140,7 @@ def load_model(
     name_or_path: str | os.PathLike,
     *,
     dequantize: bool = False,
-    dtype=jnp.float32,
+    dtype: Any = None,
     tokenizer: bool = True,
 ) -> tuple[PyTree, Any, Any]:
     """Load a registered model or a local checkpoint.
@@ -152,7 +150,7 @@ def load_model(
         a ``.gguf`` file, or a Hugging Face model directory.
       dequantize: GGUF only: dequantize the quantized weights to ``dtype`` instead
         of importing them exactly as :mod:`lora_jax.quant` leaves.
-      dtype: dtype of the float parameters.
+      dtype: dtype of the float parameters; ``None`` means ``jnp.float32``.
       tokenizer: also load the tokenizer.
 
     Returns:
@@ -164,6 +162,10 @@ def load_model(
       ModuleNotFoundError: a registered model whose package is missing (with the install command).
       FileNotFoundError, ValueError: from :func:`resolve` and the loaders; each names the file and the problem.
     """
+    import jax.numpy as jnp  # here, not at the top: the registry itself imports no JAX
+
+    if dtype is None:
+        dtype = jnp.float32
     kind, path = resolve(name_or_path)
     if kind == "gguf":
         from lora_jax.models import load_gguf

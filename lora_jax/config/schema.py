@@ -1,0 +1,256 @@
+"""The config schema: the frozen, typed section dataclasses and :class:`ExperimentConfig`.
+
+Every section and key has a default; values are checked when a section is
+built (see :class:`lora_jax.config.fields.Section`). The key tables at the end
+(:data:`SECTIONS`, :data:`TOP_KEYS`, :data:`LEAVES`) are what the loader, the
+``--set`` overrides and the sweep expansion check key paths against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+from lora_jax.config.fields import (
+    Section,
+    at_least,
+    checked_field,
+    known_model,
+    positive,
+    safe_name,
+    type_hints,
+    unit_interval,
+    valid_betas,
+    valid_regex,
+)
+
+DEFAULT_TARGETS = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+"""The seven projections of every decoder layer (PEFT's ``all-linear`` minus the head)."""
+
+MIN_MAX_LEN = 16
+"""The smallest ``task.max_len`` (tokens) that leaves room for a prompt and an answer."""
+
+IGNORED_BY_METHOD: dict[str, tuple[str, ...]] = {
+    "base": ("lora", "quant", "optim", "train.steps", "train.eval_every", "train.checkpoint_every",
+             "train.log_every", "task.n_train"),
+    "full": ("lora", "quant", "optim.lora_plus_ratio"),
+    "lora": ("quant",),
+    "qlora": (),
+}  # fmt: skip
+"""Key-path prefixes a method does not read: dropped from its sweep axes, run names and hash."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(Section):
+    """The pretrained model.
+
+    Attributes:
+      name: a registered short name (``smollm2-135m``, ``minilm-l6``) or a path
+        to a ``.gguf`` file or a Hugging Face model directory.
+      dtype: compute dtype of the weights, ``float32`` or ``bfloat16``.
+      max_seq_len: the longest sequence the run builds (positions, KV cache).
+    """
+
+    section: ClassVar[str] = "model"
+    name: str = checked_field("smollm2-135m", check=known_model)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_seq_len: int = checked_field(2048, check=at_least(1))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskConfig(Section):
+    """The data: a built-in task or the user's files.
+
+    Attributes:
+      name: ``code-summarization`` (stdlib function -> docstring summary, scored
+        with ROUGE), ``python-docs-lm`` (perplexity on the Python docs), or a
+        user file: ``jsonl`` (``prompt``/``completion`` records) or ``text``.
+      path: the user file (``jsonl`` and ``text`` only).
+      max_len: tokens per training example (prompt and answer).
+      n_train, n_val, n_test: caps on the number of examples; ``None`` = all.
+      max_new_tokens: generation length for generation metrics.
+      n_eval_generate: examples decoded for generation metrics (0 = none).
+    """
+
+    section: ClassVar[str] = "task"
+    name: Literal["code-summarization", "python-docs-lm", "jsonl", "text"] = "code-summarization"
+    path: str | None = None
+    max_len: int = checked_field(256, check=at_least(MIN_MAX_LEN))
+    n_train: int | None = checked_field(None, check=at_least(1))
+    n_val: int | None = checked_field(None, check=at_least(1))
+    n_test: int | None = checked_field(None, check=at_least(1))
+    max_new_tokens: int = checked_field(32, check=at_least(1))
+    n_eval_generate: int = checked_field(64, check=at_least(0))
+
+    def _cross_checks(self) -> list[str]:
+        if self.name in ("jsonl", "text") and not self.path:
+            return [f"task.path: task {self.name!r} reads the user's file; set task.path to it"]
+        if self.name not in ("jsonl", "text") and self.path is not None:
+            return [
+                f"task.path: the built-in task {self.name!r} takes no file (got {self.path!r}); "
+                "use task.name: jsonl or text for your own data"
+            ]
+        return []
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig(Section):
+    """The adapters (used by methods ``lora`` and ``qlora``).
+
+    Attributes:
+      rank: the rank ``r`` of every adapter.
+      alpha: scale numerator; ``None`` means ``alpha = rank`` (scale 1).
+      dropout: dropout on the adapter input while training, in [0, 1).
+      rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+      init: ``kaiming`` (PEFT's default) or ``gaussian``.
+      targets: regex, matched with ``re.fullmatch`` on ``/``-joined parameter paths.
+    """
+
+    section: ClassVar[str] = "lora"
+    rank: int = checked_field(8, check=at_least(1))
+    alpha: float | None = checked_field(None, check=positive)
+    dropout: float = checked_field(0.0, check=unit_interval)
+    rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    targets: str = checked_field(DEFAULT_TARGETS, check=valid_regex)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig(Section):
+    """The quantized base (used by method ``qlora``).
+
+    Attributes:
+      format: ``nf4``, ``fp4``, ``int4``, ``int4_asym`` or ``int8`` (see :mod:`lora_jax.quant`).
+      block_size: input rows per scale: 32, 64, 128 or 256; 0 means one block per output channel.
+      double_quant: quantize the block scales to int8 too (QLoRA).
+      targets: regex over parameter paths, as ``lora.targets``.
+    """
+
+    section: ClassVar[str] = "quant"
+    format: Literal["nf4", "fp4", "int4", "int4_asym", "int8"] = "nf4"
+    block_size: Literal[0, 32, 64, 128, 256] = 64
+    double_quant: bool = True
+    targets: str = checked_field(DEFAULT_TARGETS, check=valid_regex)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig(Section):
+    """The optimizer and learning-rate schedule.
+
+    Attributes:
+      name: ``adamw``, ``adam`` or ``sgd``.
+      lr: peak learning rate (of ``A`` when ``lora_plus_ratio`` is set).
+      weight_decay: decoupled weight decay (``adamw`` only).
+      betas: Adam's ``(b1, b2)``.
+      warmup_steps: linear warmup from 0 to ``lr``.
+      schedule: after warmup: ``constant``, ``cosine`` or ``linear`` decay to 0.
+      grad_clip: global-norm clipping; ``None`` switches it off.
+      lora_plus_ratio: LoRA+ ``lr_B / lr_A``; ``None`` is plain LoRA.
+    """
+
+    section: ClassVar[str] = "optim"
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = checked_field(2e-4, check=positive)
+    weight_decay: float = checked_field(0.0, check=at_least(0))
+    betas: tuple[float, float] = checked_field((0.9, 0.999), check=valid_betas)
+    warmup_steps: int = checked_field(0, check=at_least(0))
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    grad_clip: float | None = checked_field(1.0, check=positive)
+    lora_plus_ratio: float | None = checked_field(None, check=positive)
+
+    def _cross_checks(self) -> list[str]:
+        if self.weight_decay > 0 and self.name != "adamw":
+            return [
+                f"optim.weight_decay: {self.name} has no weight decay (got {self.weight_decay!r}); "
+                "use optim.name: adamw or weight_decay: 0"
+            ]
+        return []
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(Section):
+    """The training loop.
+
+    Attributes:
+      steps: optimizer steps.
+      batch_size: examples per step (and per evaluation batch).
+      eval_every: evaluate every this many steps; 0 means only at the end.
+      checkpoint_every: save every this many steps; 0 means only at the end.
+      log_every: write training metrics every this many steps.
+      eval_batches: batches per loss evaluation.
+    """
+
+    section: ClassVar[str] = "train"
+    steps: int = checked_field(100, check=at_least(1))
+    batch_size: int = checked_field(8, check=at_least(1))
+    eval_every: int = checked_field(0, check=at_least(0))
+    checkpoint_every: int = checked_field(0, check=at_least(0))
+    log_every: int = checked_field(10, check=at_least(1))
+    eval_batches: int = checked_field(8, check=at_least(1))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig(Section):
+    """One run: what to train, how, and where its files go.
+
+    Attributes:
+      name: the experiment; its runs go to ``<output_dir>/<name>/<run>/``; default: the file's stem.
+      method: ``base`` (evaluate the pretrained model), ``lora``, ``qlora``
+        (LoRA on a quantized base) or ``full`` (fine-tune every weight).
+      seed: the root of every PRNG key of the run.
+      output_dir: the folder that holds experiments.
+      model, task, lora, quant, optim, train: the sections.
+    """
+
+    name: str = checked_field("experiment", check=safe_name)
+    method: Literal["base", "lora", "qlora", "full"] = "lora"
+    seed: int = checked_field(0, check=lambda v: None if 0 <= v < 2**32 else "must be in [0, 2**32)")
+    output_dir: str = checked_field("runs", check=lambda v: None if v else "must not be empty")
+    model: ModelConfig = checked_field(factory=ModelConfig)
+    task: TaskConfig = checked_field(factory=TaskConfig)
+    lora: LoraConfig = checked_field(factory=LoraConfig)
+    quant: QuantConfig = checked_field(factory=QuantConfig)
+    optim: OptimConfig = checked_field(factory=OptimConfig)
+    train: TrainConfig = checked_field(factory=TrainConfig)
+
+    def _cross_checks(self) -> list[str]:
+        errors = []
+        if self.task.max_len > self.model.max_seq_len:
+            errors.append(
+                f"task.max_len: {self.task.max_len} is longer than model.max_seq_len="
+                f"{self.model.max_seq_len}; shorten it or raise model.max_seq_len"
+            )
+        if self.optim.warmup_steps > self.train.steps:
+            errors.append(f"optim.warmup_steps: {self.optim.warmup_steps} is more than train.steps={self.train.steps}")
+        return errors
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "model": ModelConfig, "task": TaskConfig, "lora": LoraConfig,
+    "quant": QuantConfig, "optim": OptimConfig, "train": TrainConfig,
+}  # fmt: skip
+"""The sections of :class:`ExperimentConfig` by key."""
+
+TOP_KEYS = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in SECTIONS]
+"""The top-level keys that are values, not sections (``name``, ``method``, ``seed``, ``output_dir``)."""
+
+SWEEP_KEYS = ("sweep", "sweep_mode")
+"""The keys of a sweep declaration (read by :func:`lora_jax.config.expand_sweep` only)."""
+
+LEAVES: dict[str, Any] = {k: type_hints(ExperimentConfig)[k] for k in TOP_KEYS}
+"""Every key path that holds a value (``seed``, ``lora.rank``), with its annotation."""
+for _s, _cls in SECTIONS.items():
+    LEAVES.update({f"{_s}.{k}": t for k, t in type_hints(_cls).items() if k != "section"})
+
+
+def key_hint(bad: str, candidates: Sequence[str]) -> str:
+    """Return `` (did you mean 'x'?)`` for the candidate key paths closest to ``bad``, or ``""``."""
+    last = bad.rsplit(".", 1)[-1]
+    close = [c for c in candidates if c != bad and c.rsplit(".", 1)[-1] == last]
+    close = close or difflib.get_close_matches(bad, candidates, n=1, cutoff=0.6)
+    if not close:
+        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        close = [tails[t] for t in difflib.get_close_matches(last, list(tails), n=1, cutoff=0.7)]
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
