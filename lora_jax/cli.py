@@ -46,7 +46,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sweep(a) -> int:
-    from lora_jax import sweep
+    from lora_jax.runner import sweep
 
     out = sweep.run_sweep(a.config, a.overrides, quiet=a.quiet, output_dir=a.output_dir)
     print(f"results: {out / 'results.csv'}\nfigures: {out / 'figures'}")
@@ -56,7 +56,8 @@ def cmd_sweep(a) -> int:
 def cmd_train(a) -> int:
     from pathlib import Path
 
-    from lora_jax import config, sweep
+    from lora_jax import config
+    from lora_jax.runner import sweep
 
     cfg = config.load_config(a.config, a.overrides)
     run_dir = Path(a.output_dir or cfg.output_dir) / cfg.name / (a.run_name or "run")
@@ -67,7 +68,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from lora_jax import plan
+    from lora_jax.runner import plan
 
     rows = plan.plan(a.config, a.overrides, compile_cost=not a.no_compile)
     print(plan.format_table(rows))
@@ -75,17 +76,18 @@ def cmd_plan(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from lora_jax import config, sweep
+    from lora_jax import config
+    from lora_jax.runner import build, evaluate
 
     cfg = config.load_config(a.config, a.overrides)
-    model = sweep.load_model(cfg.model)
-    ctx = sweep._prepare(dataclasses.replace(cfg, method="base"), model)
+    model = build.load_model(cfg.model)
+    ctx = build.prepare(dataclasses.replace(cfg, method="base"), model)
     params = model.params
     if a.adapter:
         from lora_jax import adapters
 
         params = adapters.load(a.adapter, params)
-    out = sweep.evaluate(ctx, params)
+    out = evaluate.evaluate(ctx, params)
     print(json.dumps(out, indent=1, default=str))
     return 0
 

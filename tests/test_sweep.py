@@ -134,7 +134,8 @@ def test_plots_come_from_stored_files_in_a_process_without_training_code(tmp_pat
         f.unlink()
     code = (
         "import sys; from lora_jax import plots; files = plots.make_all(sys.argv[1]); "
-        "bad = [m for m in sys.modules if m == 'jax' or m in ('lora_jax.train', 'lora_jax.sweep', 'lora_jax.lora')]; "
+        "bad = [m for m in sys.modules if m == 'jax' or m in "
+        "('lora_jax.train', 'lora_jax.runner.sweep', 'lora_jax.lora')]; "
         "assert not bad, bad; print(len(files))"
     )
     r = subprocess.run([sys.executable, "-c", code, str(out / "t")], cwd=ROOT, capture_output=True, text=True)

@@ -196,7 +196,7 @@ def time_group(setups: list[str], args) -> dict:
 
 def rss_one(setup: str, args) -> dict:
     """Peak RSS of one setup alone: the whole process, and three steady-state steps."""
-    from lora_jax.sweep import peak_rss_mb, release_freed_memory, reset_peak_rss
+    from lora_jax.runner.telemetry import peak_rss_mb, release_freed_memory, reset_peak_rss
 
     cfg = model_config(args.tiny)
     params_np = weights(cfg)

@@ -57,7 +57,7 @@ import optax
 import lora_jax as lj
 from lora_jax import cli, hostmem
 from lora_jax.models import llama
-from lora_jax.sweep import peak_rss_mb, reset_peak_rss
+from lora_jax.runner.telemetry import peak_rss_mb, reset_peak_rss
 
 ALL_SEVEN = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
 

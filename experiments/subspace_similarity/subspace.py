@@ -74,7 +74,7 @@ def load_factors(adapter_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, di
 
 
 def initial_factors(params, rank: int, alpha: float, targets: str, seed: int) -> dict[str, np.ndarray]:
-    """The runner's initial A factors (B = 0), rebuilt from the seed (lora_jax.sweep._prepare)."""
+    """The runner's initial A factors (B = 0), rebuilt from the seed (lora_jax.runner.build.build_params)."""
     import jax
 
     from lora_jax import lora

@@ -1,9 +1,12 @@
-"""From a config to the objects a run is built from: LoRA and quantization rules, model checks.
+"""From a config to what a run is built from: model, rules, parameters, optimizer, loss, data.
 
 The config package (:mod:`lora_jax.config`) is plain data and imports no JAX;
 this module turns its sections into :class:`~lora_jax.lora.LoraRule` and
-:class:`~lora_jax.quant.QuantRule` lists and checks a config against a
-model's parameter shapes before anything is built.
+:class:`~lora_jax.quant.QuantRule` lists, checks a config against a model's
+parameter shapes before anything is built, and builds the parameters
+(:func:`build_params`), the optimizer and the loss. ``plan``, training and
+evaluation all build through here, so they see the same tree from the same
+PRNG keys.
 """
 
 from __future__ import annotations
@@ -12,18 +15,28 @@ import difflib
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
+import optax
 
-from lora_jax.errors import ConfigError
+from lora_jax import data as _data
+from lora_jax import lora as _lora
+from lora_jax import paths as _paths
+from lora_jax import quant as _quant
+from lora_jax.errors import ConfigError, DataError
 from lora_jax.lora import LoraRule
 from lora_jax.quant import QuantRule
 
 if TYPE_CHECKING:
-    from lora_jax.config import ExperimentConfig, LoraConfig, QuantConfig
+    from lora_jax.config import ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, QuantConfig
 
-__all__ = ["check_against_model", "lora_rules", "quant_rules"]
+__all__ = [
+    "LoadedModel", "RunContext", "build_params", "chat_format", "check_against_model", "load_model", "lora_rules",
+    "loss_fn", "make_lr_schedule", "make_optimizer", "prepare", "quant_rules",
+]
 
 
 def lora_rules(lora_cfg: LoraConfig) -> list[LoraRule]:
@@ -136,3 +149,136 @@ def check_against_model(config: ExperimentConfig, param_shapes: Mapping[str, Any
         targets("quant.targets", config.quant.targets)
     if errors:
         raise ConfigError(errors)
+
+
+def make_lr_schedule(o: OptimConfig, steps: int):
+    """Linear warm-up from 0, then constant, cosine or linear decay to 0."""
+    decay = max(1, steps - o.warmup_steps)
+    if o.schedule == "cosine":
+        main = optax.cosine_decay_schedule(o.lr, decay)
+    elif o.schedule == "linear":
+        main = optax.linear_schedule(o.lr, 0.0, decay)
+    else:
+        main = optax.constant_schedule(o.lr)
+    if not o.warmup_steps:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, o.warmup_steps), main], [o.warmup_steps])
+
+
+def make_optimizer(o: OptimConfig, steps: int) -> optax.GradientTransformation:
+    """The optax transformation a config asks for: schedule, clipping, optimizer, LoRA+."""
+    sched = make_lr_schedule(o, steps)
+
+    def make(learning_rate):
+        if o.name == "adamw":
+            return optax.adamw(learning_rate, b1=o.betas[0], b2=o.betas[1], weight_decay=o.weight_decay)
+        if o.name == "adam":
+            return optax.adam(learning_rate, b1=o.betas[0], b2=o.betas[1])
+        return optax.sgd(learning_rate)
+
+    if o.lora_plus_ratio:
+        from lora_jax import optim
+
+        tx = optim.lora_plus(make, sched, ratio=o.lora_plus_ratio)
+    else:
+        tx = make(sched)
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), tx) if o.grad_clip else tx
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded once and shared by the runs of a sweep."""
+
+    name: str
+    params: Any
+    config: Any
+    tokenizer: Any
+    fingerprint: str = ""
+
+
+_MODEL_CACHE: dict[tuple[str, str], LoadedModel] = {}
+
+
+def load_model(m: ModelConfig) -> LoadedModel:
+    """Load (or reuse) the float weights of a model; GGUF blocks are dequantized."""
+    key = (m.name, m.dtype)
+    if key not in _MODEL_CACHE:
+        from lora_jax.io.hashing import base_hash
+        from lora_jax.models import registry
+
+        params, cfg, tok = registry.load_model(m.name, dequantize=True, dtype=jnp.dtype(m.dtype))
+        _MODEL_CACHE.clear()  # keep one model in memory at a time
+        _MODEL_CACHE[key] = LoadedModel(m.name, params, cfg, tok, base_hash(params))
+    return _MODEL_CACHE[key]
+
+
+def loss_fn(model_cfg):
+    """The training loss of the model ``model_cfg`` configures: ``(params, batch) -> (loss, aux)``."""
+    from lora_jax.models import llama
+
+    return lambda p, b: llama.loss(p, b, model_cfg)
+
+
+def _task(cfg: ExperimentConfig):
+    t = cfg.task
+    if t.name in ("jsonl", "text"):
+        return _data.get_task(t.name, train=t.path)
+    return _data.get_task(t.name)
+
+
+def _cap(items: list, n: int | None) -> list:
+    return items if n is None else items[:n]
+
+
+def chat_format(tokenizer):
+    """The tokenizer's chat template where it has one (ChatML models), else None."""
+    return tokenizer.apply_chat_template if getattr(tokenizer, "is_chatml", False) else None
+
+
+@dataclass
+class RunContext:
+    """Everything a run builds before its first step."""
+
+    cfg: ExperimentConfig
+    model: LoadedModel
+    task: Any
+    train_data: dict | None
+    val_data: dict
+    params: Any
+    info: dict = field(default_factory=dict)
+
+
+def build_params(cfg: ExperimentConfig, model: LoadedModel):
+    """The run's parameter tree: the base, quantized for QLoRA, with LoRA nodes from the run's seed.
+
+    Raises:
+      ConfigError: the config does not fit the model (see :func:`check_against_model`).
+    """
+    params = model.params
+    if cfg.method == "qlora":
+        params = _quant.quantize(params, quant_rules(cfg.quant, cfg.model.dtype))
+    if cfg.method in ("lora", "qlora"):
+        check_against_model(cfg, {p: tuple(x.shape) for p, x in _paths.leaves_with_paths(model.params)})
+        params = _lora.init(jax.random.fold_in(jax.random.key(cfg.seed), 1), params, lora_rules(cfg.lora))
+    return params
+
+
+def prepare(cfg: ExperimentConfig, model: LoadedModel) -> RunContext:
+    """Tokenize the run's data and build its parameters (:func:`build_params`)."""
+    task = _task(cfg)
+    fmt = chat_format(model.tokenizer)
+    T = cfg.task.max_len
+    split_val = "val" if "val" in task.splits() else task.splits()[-1]
+    val = _cap(task.tokenize_split(split_val, model.tokenizer, fmt, T), cfg.task.n_val)
+    pad_id = getattr(model.tokenizer, "pad_id", None) or 0
+    train_data = None
+    if cfg.method != "base":
+        tr = _cap(task.tokenize_split("train", model.tokenizer, fmt, T), cfg.task.n_train)
+        if len(tr) < cfg.train.batch_size:
+            raise DataError(f"task {cfg.task.name!r}: {len(tr)} training examples, fewer than "
+                             f"train.batch_size={cfg.train.batch_size}")
+        train_data = _data.pad_examples(tr, T, pad_id=pad_id)
+    params = build_params(cfg, model)
+    info = {"task": task.info(), "dataset_hash": task.dataset_hash, "n_val": len(val),
+            "n_train": None if train_data is None else int(train_data["tokens"].shape[0])}
+    return RunContext(cfg, model, task, train_data, _data.pad_examples(val, T, pad_id=pad_id), params, info)

@@ -1,0 +1,150 @@
+"""A sweep of runs: run (or resume, or skip) each, one row per run in ``results.csv``, figures.
+
+A sweep writes plain files only::
+
+    runs/<sweep>/results.csv            one row per run (rewritten atomically after each run)
+    runs/<sweep>/figures/               made by lora_jax.plots from the files above
+    runs/<sweep>/<run>/config.yaml      the resolved config of the run
+    runs/<sweep>/<run>/metrics.jsonl    step, loss, lr, tokens/s; eval metrics
+    runs/<sweep>/<run>/summary.json     final metrics, sizes, time, versions, status
+    runs/<sweep>/<run>/adapter/         the trained LoRA factors (safetensors + JSON)
+    runs/<sweep>/<run>/ckpt/            orbax train-state checkpoints (deleted when finished)
+
+Re-running a sweep skips the runs whose ``summary.json`` says ``finished`` for
+the same config hash, and resumes an interrupted run from its last checkpoint:
+the data position is a pure function of the step and the dropout keys of the
+step, so the resumed run computes what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from lora_jax import config as _config
+from lora_jax import lora as _lora
+from lora_jax.io.files import atomic_write
+from lora_jax.runner import build as _build
+from lora_jax.runner.evaluate import evaluate
+from lora_jax.runner.loop import train_run
+from lora_jax.runner.telemetry import git_commit, peak_rss_mb, reset_peak_rss, versions
+
+RESULT_COLUMNS = [
+    "run", "method", "rank", "alpha", "seed", "quant_format", "quant_block_size", "status", "reason",
+    "steps", "trainable_params", "total_params", "base_bytes", "base_bits_per_param",
+    "step_time_s", "tokens_per_s", "peak_rss_mb", "wall_s",
+    "train_loss", "val_loss", "val_ppl", "rouge1", "rouge2", "rougeL", "exact_match", "config_hash",
+]
+
+
+def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quiet: bool = False) -> dict:
+    """Run (or resume, or skip when finished) one configuration; return its summary."""
+    run_dir = Path(run_dir)
+    chash = _config.config_hash(cfg)
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        old = json.loads(summary_path.read_text())
+        if old.get("config_hash") == chash and old.get("status") == "finished":
+            return old
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / "config.yaml", _config.to_yaml(cfg))
+    t0 = time.time()
+    rss_is_per_run = reset_peak_rss()
+    model = _build.load_model(cfg.model)
+    ctx = _build.prepare(cfg, model)
+    from lora_jax import quant
+
+    fp = quant.footprint(ctx.params)
+    counts = _lora.count(ctx.params)
+    status: dict[str, Any] = {"status": "finished", "reason": None, "step_time_s": None, "tokens_per_s": None,
+                              "train_loss": None}
+    params = ctx.params
+    if cfg.method != "base":
+        params, status = train_run(ctx, run_dir, quiet=quiet)
+    ev = evaluate(ctx, params) if status["status"] == "finished" else {}
+    samples = ev.pop("samples", [])
+    if cfg.method in ("lora", "qlora") and status["status"] == "finished":
+        from lora_jax import adapters
+
+        adapters.save_adapter(run_dir / "adapter", params, base_model_id=cfg.model.name,
+                              base_hash=model.fingerprint, rules=_build.lora_rules(cfg.lora))
+    trainable = counts.total if cfg.method == "full" else (0 if cfg.method == "base" else counts.trainable)
+    base_fp = quant.footprint(jax.tree.map(lambda x: x.base if _lora.is_lora(x) else x, ctx.params,
+                                           is_leaf=_lora.is_node))
+    summary = {
+        "run": run_name, "method": cfg.method, "seed": cfg.seed, **status,
+        "rank": cfg.lora.rank if cfg.method in ("lora", "qlora") else None,
+        "alpha": (cfg.lora.alpha or cfg.lora.rank) if cfg.method in ("lora", "qlora") else None,
+        "quant_format": cfg.quant.format if cfg.method == "qlora" else None,
+        "quant_block_size": cfg.quant.block_size if cfg.method == "qlora" else None,
+        "steps": cfg.train.steps if cfg.method != "base" else 0,
+        "trainable_params": trainable, "total_params": counts.total,
+        "base_bytes": base_fp.nbytes, "base_bits_per_param": round(base_fp.bits_per_param, 4),
+        "params_bytes": fp.nbytes,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_scope": "run" if rss_is_per_run else "process",
+        "wall_s": time.time() - t0, **ev, "samples": samples,
+        "config_hash": chash, "data": ctx.info, "versions": versions(), "git_commit": git_commit(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].platform}",
+    }
+    atomic_write(summary_path, json.dumps(summary, indent=1, default=str) + "\n")
+    if status["status"] == "finished" and (run_dir / "ckpt").exists():
+        shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
+    return summary
+
+
+def write_results(sweep_dir: Path, summaries: list[dict]) -> Path:
+    """Write ``results.csv`` (one row per run) atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for s in summaries:
+        w.writerow({k: ("" if s.get(k) is None else s.get(k)) for k in RESULT_COLUMNS})
+    path = sweep_dir / "results.csv"
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = False, plots: bool = True,
+              output_dir: str | None = None) -> Path:
+    """Run every run of a config's sweep (skipping finished ones); write results and figures.
+
+    Returns:
+      The sweep folder ``<output_dir>/<name>``.
+    """
+    git_commit()  # record the code as it was when the sweep started
+    runs = _config.load_sweep(config_path, overrides)
+    first = runs[0][1]
+    sweep_dir = Path(output_dir or first.output_dir) / first.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for k, (name, cfg) in enumerate(runs, 1):
+        if not quiet:
+            print(f"[{k}/{len(runs)}] {name}", file=sys.stderr, flush=True)
+        try:
+            s = run_one(name, cfg, sweep_dir / name, quiet=quiet)
+        except Exception as e:  # one broken run must not end the sweep
+            s = {"run": name, "method": cfg.method, "seed": cfg.seed, "status": "failed",
+                 "reason": f"{type(e).__name__}: {e}", "config_hash": _config.config_hash(cfg)}
+            atomic_write(sweep_dir / name / "summary.json", json.dumps(s, indent=1) + "\n")
+            print(f"  run {name} failed: {s['reason']}", file=sys.stderr, flush=True)
+        summaries.append(s)
+        write_results(sweep_dir, summaries)
+        if not quiet and s.get("status") == "finished":
+            shown = {k2: s.get(k2) for k2 in ("val_loss", "rouge1", "rougeL", "step_time_s") if s.get(k2) is not None}
+            print("  " + ", ".join(f"{k2}={v:.4g}" for k2, v in shown.items()), file=sys.stderr, flush=True)
+    if plots:
+        from lora_jax import plots as _plots
+
+        _plots.make_all(sweep_dir)
+    return sweep_dir
