@@ -46,6 +46,7 @@ from lora_jax import hostmem
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
 from lora_jax import train as _train
+from lora_jax.io.files import atomic_write
 
 RESULT_COLUMNS = [
     "run", "method", "rank", "alpha", "seed", "quant_format", "quant_block_size", "status", "reason",
@@ -53,17 +54,6 @@ RESULT_COLUMNS = [
     "step_time_s", "tokens_per_s", "peak_rss_mb", "wall_s",
     "train_loss", "val_loss", "val_ppl", "rouge1", "rouge2", "rougeL", "exact_match", "config_hash",
 ]
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def release_freed_memory() -> None:
@@ -174,7 +164,7 @@ def load_model(m: _config.ModelConfig) -> LoadedModel:
     """Load (or reuse) the float weights of a model; GGUF blocks are dequantized."""
     key = (m.name, m.dtype)
     if key not in _MODEL_CACHE:
-        from lora_jax.checkpoint import base_hash
+        from lora_jax.io.hashing import base_hash
         from lora_jax.models import registry
 
         params, cfg, tok = registry.load_model(m.name, dequantize=True, dtype=jnp.dtype(m.dtype))
@@ -307,7 +297,7 @@ def _progress(total: int, desc: str, quiet: bool, initial: int = 0):
 
 def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[Any, dict]:
     """Train one run with checkpoints; return the final params and a status dict."""
-    from lora_jax import checkpoint as ckpt
+    from lora_jax.io import state as ckpt
 
     cfg = ctx.cfg
     steps = cfg.train.steps

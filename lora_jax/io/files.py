@@ -155,7 +155,7 @@ def sha256(data: bytes) -> str:
 
     Examples:
       >>> sha256(b"")[:15]
-      'sha256:e3b0c44'
+      'sha256:e3b0c442'
     """
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
