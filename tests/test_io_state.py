@@ -87,7 +87,7 @@ def test_nothing_of_the_base_is_written(tmp_path):
     assert written < trainable_bytes + 64 * 1024 < sum(x.nbytes for x in jax.tree.leaves(state.frozen)) / 4
     meta = json.loads((tmp_path / "0" / "meta" / "metadata").read_text())
     assert not any("base" in r["path"].split("/") for r in meta["leaves"])
-    assert meta["base"] == {"id": "tiny", "hash": ckpt.base_hash(state.frozen)}
+    assert meta["base"] == {"id": "tiny", "hash": hashing.base_hash(state.frozen)}
 
 
 def test_qlora_bfloat16_state_and_donated_like_state(tmp_path):
