@@ -1,13 +1,8 @@
-"""Adapter folders, and several adapters on one base: switch between them, combine them.
+"""Several adapters on one base: switch between them without recompiling, combine them.
 
-An adapter folder (:func:`save_adapter`, :func:`load_adapter`) holds the A and
-B factors alone in ``adapter.safetensors`` (keys: our ``/``-joined paths, e.g.
-``layers/0/attn/q_proj/kernel/lora_a``) and their description in
-``lora_jax_adapter.json``: per path the base shape, rank, scale, alpha,
-rsLoRA flag, in_ndim and dropout; the rules; the base model id and
-:func:`~lora_jax.checkpoint.base_hash`; the lora-jax version; and a SHA-256 of
-the tensors file, which detects a truncated file or a torn pair. Both files
-are written atomically. :func:`load` reads our folders and PEFT folders alike.
+Adapter folders themselves (:func:`save_adapter`, :func:`load_adapter`,
+:func:`load`, :func:`read_adapter_config`) live in :mod:`lora_jax.io.adapters`;
+they are re-exported here, so ``lora_jax.adapters.save_adapter`` keeps working.
 
 **Switching without recompiling.** A jit-compiled forward that takes the
 params as an argument runs another adapter without recompiling when the new
@@ -37,259 +32,46 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lora_jax import checkpoint as _ckpt
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
-from lora_jax.checkpoint import BaseMismatchError, CheckpointError
-from lora_jax.checkpoint import base_hash as _base_hash
+from lora_jax.errors import BaseMismatchError, CheckpointError
+from lora_jax.io.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_FORMAT,
+    ADAPTER_TENSORS,
+    FORMAT_VERSION,
+    load,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_FORMAT",
+    "ADAPTER_TENSORS",
+    "FORMAT_VERSION",
+    "BaseMismatchError",
+    "CheckpointError",
+    "align",
+    "combine",
+    "combine_adapters",
+    "fold_scale",
+    "load",
+    "load_adapter",
+    "pad_rank",
+    "parse_adapter_spec",
+    "read_adapter_config",
+    "save_adapter",
+]
 
 PyTree = Any
 PathLike = str | os.PathLike
-
-ADAPTER_FORMAT = "lora_jax.adapter"
-FORMAT_VERSION = 1
-ADAPTER_CONFIG = "lora_jax_adapter.json"
-ADAPTER_TENSORS = "adapter.safetensors"
-
-# ----------------------------------------------------------------------------
-# Adapter folders
-
-
-def _rule_record(rule: _lora.LoraRule) -> dict:
-    init = rule.init if isinstance(rule.init, str) else getattr(rule.init, "__name__", "custom")
-    return {
-        "pattern": rule.pattern,
-        "rank": rule.rank,
-        "alpha": rule.alpha,
-        "dropout": rule.dropout,
-        "init": init,
-        "rslora": rule.rslora,
-        "in_dims": rule.in_dims,
-    }
-
-
-def save_adapter(
-    directory: PathLike,
-    params: PyTree,
-    *,
-    base_model_id: str | None = None,
-    base_hash: str | None = None,
-    rules: Sequence[_lora.LoraRule] | None = None,
-) -> Path:
-    """Write the LoRA factors of ``params`` (A and B only) and their description to a folder.
-
-    Files: ``adapter.safetensors`` (keys ``<path>/lora_a`` of shape
-    ``(d_in, r)`` and ``<path>/lora_b`` of shape ``(r, d_out)``) and
-    ``lora_jax_adapter.json``. Each is written atomically; the JSON, written
-    last, records a hash of the tensors file so a torn pair is detected.
-
-    Args:
-      directory: the folder (created if needed).
-      params: adapted params, or their ``trainable`` half.
-      base_model_id: name of the base model (recorded).
-      base_hash: :func:`base_hash` of the base (recorded; checked by
-        ``load_adapter(..., check_base=True)``).
-      rules: the :class:`~lora_jax.lora.LoraRule` s used (recorded, and the
-        source of each path's alpha and rsLoRA flag).
-
-    Returns:
-      The folder.
-
-    Raises:
-      ValueError: ``params`` holds no LoRA weight, or ``rules`` disagree with
-        a weight's scale.
-
-    Examples:
-      >>> import tempfile, jax, jax.numpy as jnp
-      >>> base = {"w": jnp.ones((4, 3))}
-      >>> p = _lora.init(jax.random.key(0), base, [_lora.LoraRule(pattern="w", rank=2, alpha=4)])
-      >>> d = save_adapter(tempfile.mkdtemp(), p, base_model_id="toy")
-      >>> sorted(f.name for f in d.iterdir())
-      ['adapter.safetensors', 'lora_jax_adapter.json']
-      >>> w = load_adapter(d, base)["w"]
-      >>> w.rank, w.scale, w.base is base["w"]
-      (2, 2.0, True)
-    """
-    nodes = _lora.nodes(params)
-    if not nodes:
-        raise ValueError("save_adapter: params hold no LoRA weight; call lora_jax.lora.init(key, params, rules) first")
-    assigned = _paths.assign_rules(params, list(rules), is_leaf=_lora.is_node, what="LoRA rule") if rules else {}
-    tensors: dict[str, np.ndarray] = {}
-    entries: dict[str, dict] = {}
-    for path, n in nodes:
-        a, b = np.asarray(n.lora_a), np.asarray(n.lora_b)
-        rule = assigned.get(path)
-        if rule is not None:
-            if not math.isclose(rule.scale, n.scale, rel_tol=1e-12):
-                raise ValueError(f"save_adapter: {rule!r} gives scale {rule.scale:g} but {path!r} has {n.scale:g}")
-            alpha, rslora = float(rule.rank if rule.alpha is None else rule.alpha), rule.rslora
-        else:
-            alpha, rslora = float(n.scale) * n.rank, False
-        entries[path] = {
-            "shape": None if n.base is None else [int(d) for d in n.base.shape],
-            "in_ndim": int(n.in_ndim),
-            "rank": int(n.rank),
-            "scale": float(n.scale),
-            "alpha": alpha,
-            "rslora": rslora,
-            "dropout": float(n.dropout),
-            "dtype": a.dtype.name,
-        }
-        tensors[f"{path}/lora_a"], tensors[f"{path}/lora_b"] = a, b
-    data = _ckpt._safetensors_bytes(tensors)
-    config = {
-        "format": ADAPTER_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "lora_jax_version": _ckpt._version(),
-        "base_model_id": base_model_id,
-        "base_hash": base_hash,
-        "tensors_file": ADAPTER_TENSORS,
-        "tensors_sha256": _ckpt._sha256(data),
-        "rules": [_rule_record(r) for r in rules] if rules else None,
-        "adapters": entries,
-    }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _ckpt._atomic_write(directory / ADAPTER_TENSORS, data)
-    _ckpt._atomic_write(directory / ADAPTER_CONFIG, _ckpt._json_bytes(config))
-    return directory
-
-
-def read_adapter_config(directory: PathLike) -> dict:
-    """Return the parsed ``lora_jax_adapter.json`` of an adapter folder, checked for format.
-
-    Raises:
-      FileNotFoundError: no such folder or file.
-      CheckpointError: not valid JSON, not a lora-jax adapter, or a newer format.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such adapter folder")
-    file = directory / ADAPTER_CONFIG
-    if not file.is_file() and (directory / _ckpt.PEFT_CONFIG).is_file():
-        raise FileNotFoundError(f"{file}: missing; this is a PEFT adapter folder, read it with import_peft")
-    config = _ckpt._read_json(file, f"{ADAPTER_CONFIG} (the adapter description written by save_adapter)")
-    if config.get("format") != ADAPTER_FORMAT:
-        raise CheckpointError(f"{file}: not a lora-jax adapter (format={config.get('format')!r})")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{file}: format version {config['format_version']} (lora-jax {config.get('lora_jax_version')}); "
-            f"this lora-jax {_ckpt._version()} reads up to {FORMAT_VERSION}; upgrade lora-jax"
-        )
-    if not isinstance(config.get("adapters"), dict) or not config["adapters"]:
-        raise CheckpointError(f"{file}: no 'adapters' entries")
-    return config
-
-
-def load_adapter(directory: PathLike, base_params: PyTree, *, check_base: bool = False) -> PyTree:
-    """Rebuild the LoRA weights saved by :func:`save_adapter` on ``base_params``.
-
-    Args:
-      directory: the adapter folder.
-      base_params: the base tree (adapters already in it are replaced: their
-        base weights are used, which makes switching adapters cheap).
-      check_base: refuse a base whose :func:`base_hash` differs from the one
-        recorded (off by default: an adapter trained on a float base may be
-        applied to its quantized version).
-
-    Returns:
-      ``base_params`` with the recorded paths as :class:`~lora_jax.lora.LoraWeight` s
-      (the other leaves are the same objects).
-
-    Raises:
-      FileNotFoundError: a file is missing.
-      CheckpointError: a file is truncated or corrupted, the pair is torn,
-        or a path or shape does not fit the base (the first one is named).
-      BaseMismatchError: ``check_base`` and another base.
-    """
-    directory = Path(directory)
-    config = read_adapter_config(directory)
-    file = directory / ADAPTER_TENSORS
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing adapter tensors (listed in {ADAPTER_CONFIG})")
-    data = file.read_bytes()
-    if _ckpt._sha256(data) != config.get("tensors_sha256"):
-        raise CheckpointError(
-            f"{file}: its content does not match the hash in {ADAPTER_CONFIG}; it is truncated, corrupted, or "
-            "from another save; save the adapter again"
-        )
-    tensors = _ckpt._read_safetensors(file, data)
-    leaves, treedef = _ckpt._base_leaves(base_params)
-    if check_base and config.get("base_hash"):
-        have = _base_hash(base_params)
-        if have != config["base_hash"]:
-            raise BaseMismatchError(
-                f"{directory}: adapter was trained on base {config.get('base_model_id')!r} "
-                f"({config['base_hash'][:19]}) but base_params hash to {have[:19]}"
-            )
-    by_path = dict(leaves)
-    described = set()
-    new: dict[str, _lora.LoraWeight] = {}
-    for path, e in config["adapters"].items():
-        if not isinstance(e, dict) or not {"rank", "scale", "in_ndim"} <= set(e):
-            raise CheckpointError(
-                f"{directory / ADAPTER_CONFIG}: the entry for {path!r} lacks rank, scale or in_ndim; it is corrupted"
-            )
-        if path not in by_path:
-            raise _ckpt._no_such_path(directory / ADAPTER_CONFIG, path, leaves)
-        base = by_path[path]
-        if e.get("shape") is not None and tuple(e["shape"]) != tuple(base.shape):
-            raise CheckpointError(
-                f"{directory / ADAPTER_CONFIG}: {path!r} was trained on a weight of shape {tuple(e['shape'])}, "
-                f"the base has {tuple(base.shape)}"
-            )
-        names = (f"{path}/lora_a", f"{path}/lora_b")
-        for name in names:
-            if name not in tensors:
-                raise CheckpointError(f"{file}: missing tensor {name!r} (described in {ADAPTER_CONFIG})")
-        described.update(names)
-        a, b = tensors[names[0]], tensors[names[1]]
-        _ckpt._check_factors(file, path, base, a, b, int(e["in_ndim"]))
-        if a.shape[1] != e["rank"]:
-            raise CheckpointError(f"{file}: {path!r}: A has rank {a.shape[1]}, {ADAPTER_CONFIG} says {e['rank']}")
-        new[path] = _lora.LoraWeight(
-            base, jnp.asarray(a), jnp.asarray(b), float(e["scale"]), int(e["in_ndim"]), float(e.get("dropout", 0.0))
-        )
-    unknown = sorted(set(tensors) - described)
-    if unknown:
-        raise CheckpointError(f"{file}: tensors not described in {ADAPTER_CONFIG}: {', '.join(unknown[:6])}")
-    return treedef.unflatten([new.get(p, x) for p, x in leaves])
-
-
-def load(directory: PathLike, base_params: PyTree, *, model_kind: str | None = None) -> PyTree:
-    """Load an adapter folder of either format onto ``base_params``.
-
-    Args:
-      directory: a folder from :func:`save_adapter` (``lora_jax_adapter.json``)
-        or a PEFT folder (``adapter_config.json``; see :func:`lora_jax.checkpoint.import_peft`).
-      base_params: the base tree (adapters already in it are replaced).
-      model_kind: for PEFT folders, ``"llama"`` or ``"bert"`` (default: inferred).
-
-    Returns:
-      ``base_params`` with the adapter's LoRA weights.
-
-    Raises:
-      FileNotFoundError: the folder holds neither kind of adapter.
-    """
-    directory = Path(directory)
-    if (directory / ADAPTER_CONFIG).is_file():
-        return load_adapter(directory, base_params)
-    if (directory / _ckpt.PEFT_CONFIG).is_file():
-        return _ckpt.import_peft(directory, base_params, model_kind)
-    raise FileNotFoundError(
-        f"{directory}: not an adapter folder (no {ADAPTER_CONFIG} from save_adapter, no {_ckpt.PEFT_CONFIG} from PEFT)"
-    )
-
-
-# ----------------------------------------------------------------------------
-# Several adapters on one base
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, float]:

@@ -14,6 +14,7 @@ the mean is drawn with a band of one standard deviation.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
+
+from lora_jax.io.files import atomic_write
 
 # Metric column -> (axis label, higher is better)
 METRICS = {
@@ -72,9 +75,9 @@ def _save(fig, out_dir: Path, name: str, written: list[Path]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
         p = out_dir / f"{name}.{ext}"
-        tmp = p.with_suffix(f".tmp.{ext}")
-        fig.savefig(tmp, dpi=150, bbox_inches="tight")
-        os.replace(tmp, p)
+        buf = io.BytesIO()
+        fig.savefig(buf, format=ext, dpi=150, bbox_inches="tight")
+        atomic_write(p, buf.getvalue(), fsync=False)
         written.append(p)
 
 

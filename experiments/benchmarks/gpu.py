@@ -97,13 +97,13 @@ def run_peft(setup, cfg, args):
     import torch
     import transformers
 
-    from lora_jax.checkpoint import _hf_config
     from lora_jax.models import llama
+    from lora_jax.models.export_hf import hf_config
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     # The config.json our exporter writes for this shape (abstract params: no weights are made).
-    hf, _ = _hf_config(jax.eval_shape(lambda: llama.init(jax.random.key(0), cfg)), cfg, args.dtype)
+    hf, _ = hf_config(jax.eval_shape(lambda: llama.init(jax.random.key(0), cfg)), cfg, args.dtype)
     hf_cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", torch_dtype=dt).to(dev)

@@ -31,12 +31,13 @@ import platform
 import re
 import sys
 import sysconfig
-import tempfile
 import tokenize
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
+
+from lora_jax.io.files import atomic_write
 
 EXTRACTOR_VERSION = 1
 SPLITS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -280,16 +281,7 @@ def load(cache: str | os.PathLike | None = None) -> list[CodeSummary]:
             warnings.warn(f"ignoring the unreadable cache {path} ({e}); extracting again", stacklevel=2)
     records = extract()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(_line(r) for r in records)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, "".join(_line(r) for r in records), fsync=False)
     except OSError as e:
         warnings.warn(f"could not cache the extracted stdlib pairs in {path} ({e})", stacklevel=2)
     return records

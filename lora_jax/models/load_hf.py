@@ -16,7 +16,6 @@ pickle checkpoints is refused. Every tensor's shape is checked against what
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -27,6 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from lora_jax.errors import CheckpointError
+from lora_jax.io.files import read_json
 from lora_jax.models import bert as _bert
 from lora_jax.models import llama as _llama
 
@@ -46,18 +46,6 @@ _CONVERT_HINT = (
 
 # ----------------------------------------------------------------------------
 # Files
-
-
-def _read_json(file: Path, what: str) -> dict:
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing {what}")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 class _Tensors:
@@ -84,7 +72,7 @@ class _Tensors:
                 self.where[name] = file
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            for name, shard in _read_json(index, "safetensors index")["weight_map"].items():
+            for name, shard in read_json(index, "safetensors index")["weight_map"].items():
                 if self.where.get(name) != directory / shard:
                     raise CheckpointError(f"{index}: lists tensor {name!r} in {shard}, which does not hold it")
 
@@ -104,7 +92,7 @@ def _weight_files(directory: Path, auto_class: str) -> list[Path]:
     """The safetensors files holding the model's weights, or a clear error."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        weight_map = read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
         files = []
@@ -371,7 +359,7 @@ def load(
         tensor whose shape disagrees with ``config.json``.
 
     Examples:
-      >>> import tempfile
+      >>> import json, tempfile
       >>> d = Path(tempfile.mkdtemp())
       >>> _ = (d / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 64,
       ...     "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}))
@@ -387,7 +375,7 @@ def load(
     if not directory.is_dir():
         raise NotADirectoryError(f"{directory}: expected a model directory (with config.json), got a file")
     config_file = directory / "config.json"
-    hf = _read_json(config_file, "config.json (the model's Hugging Face config)")
+    hf = read_json(config_file, "config.json (the model's Hugging Face config)")
     model_type = hf.get("model_type")
     builders: dict[str, tuple[Callable, Callable, str, tuple[str, ...]]] = {
         **{t: (llama_config, _llama_entries, "embed_tokens.weight", ("model.", "")) for t in LLAMA_TYPES},

@@ -1,0 +1,257 @@
+"""PEFT folders against peft and transformers: export, import, rank/alpha patterns, refusals."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_models import (
+    MIXED_RULES,
+    TOKENS,
+    bert_hidden,
+    hf_bert_folder,
+    load_hf_llama,
+    load_torch,
+    rel,
+    torch_logits,
+    train_here,
+)
+from safetensors.numpy import load_file, save_file
+
+from lora_jax import lora
+from lora_jax.errors import CheckpointError
+from lora_jax.io import peft as io_peft
+from lora_jax.models import bert, export_hf, llama, load_hf
+
+CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+
+
+@functools.cache
+def _base():
+    return llama.init(jax.random.key(0), CFG)
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    return load_hf_llama(tmp_path_factory.mktemp("llama"))
+
+
+def test_export_peft_matches_peft_model(tmp_path, hf_llama):
+    peft = pytest.importorskip("peft")
+    d, params, config, _ = hf_llama
+    trained = train_here(params, config, MIXED_RULES)
+    ours = np.asarray(llama.apply(lora.merge(trained), jnp.asarray(TOKENS), config))
+    assert rel(ours, llama.apply(params, jnp.asarray(TOKENS), config)) > 1e-3  # the adapter changed something
+    out = io_peft.export_peft(tmp_path / "peft", trained, base_model_name_or_path=str(d), model_kind="llama")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_rslora"] is False
+    assert cfg["rank_pattern"] == {r"model\.layers\.0\.self_attn\.q_proj": 2, r"model\.layers\.0\.mlp\.down_proj": 3,
+                                   r"model\.layers\.1\.mlp\.down_proj": 3}  # fmt: skip
+    assert cfg["alpha_pattern"][r"model\.layers\.0\.self_attn\.q_proj"] == 3
+    assert cfg["alpha_pattern"][r"model\.layers\.1\.mlp\.down_proj"] == 1.5
+    assert cfg["target_modules"] == ["down_proj", "lm_head", "q_proj", "v_proj"]
+    keys = load_file(str(out / "adapter_model.safetensors"))
+    assert keys["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (2, 48)
+    assert keys["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (48, 3)
+    model = peft.PeftModel.from_pretrained(load_torch(d), str(out)).eval()
+    assert rel(ours, torch_logits(model)) <= 1e-4
+    back = io_peft.import_peft(out, params, "llama")  # and back again
+    np.testing.assert_allclose(llama.apply(back, jnp.asarray(TOKENS), config), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_export_peft_rslora_and_partial_targets(tmp_path, hf_llama):
+    peft = pytest.importorskip("peft")
+    d, params, config, _ = hf_llama
+    rules = [lora.LoraRule(pattern=r"layers/1/mlp/(gate|up)_proj/kernel", rank=2, alpha=3, rslora=True)]
+    trained = train_here(params, config, rules, steps=2)
+    out = io_peft.export_peft(tmp_path / "peft", trained, base_model_name_or_path=str(d))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is True and cfg["lora_alpha"] == 3
+    assert cfg["target_modules"] == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    model = peft.PeftModel.from_pretrained(load_torch(d), str(out)).eval()
+    ours = llama.apply(lora.merge(trained), jnp.asarray(TOKENS), config)
+    assert rel(ours, torch_logits(model)) <= 1e-4
+
+
+def test_import_peft_trained_by_peft(tmp_path, hf_llama):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    d, params, config, _ = hf_llama
+    lcfg = peft.LoraConfig(
+        r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"up_proj": 2},
+        alpha_pattern={"v_proj": 2}, lora_dropout=0.0, task_type="CAUSAL_LM",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = peft.get_peft_model(load_torch(d), lcfg)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    ids = torch.tensor(TOKENS, dtype=torch.long)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(str(tmp_path / "peft"))
+    theirs = torch_logits(model)
+    adapted = io_peft.import_peft(tmp_path / "peft", params)  # model_kind inferred
+    q = adapted["layers"][0]["attn"]["q_proj"]["kernel"]
+    v = adapted["layers"][1]["attn"]["v_proj"]["kernel"]
+    up = adapted["layers"][0]["mlp"]["up_proj"]["kernel"]
+    assert (q.rank, q.scale, v.scale, up.rank, up.scale) == (4, 1.5, 0.5, 2, 3.0)
+    ours = llama.apply(adapted, jnp.asarray(TOKENS), config)
+    assert rel(ours, theirs) <= 1e-4
+    assert rel(ours, llama.apply(params, jnp.asarray(TOKENS), config)) > 1e-3
+
+
+def test_bert_peft_both_ways_and_merged(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    model_cls = hf_bert_folder(tmp_path / "base")
+    params, config, _ = load_hf.load(tmp_path / "base", tokenizer=False)
+    tokens = TOKENS % 50
+    # ours -> PEFT: every linear role, so 'dense' modules must be listed by full name (BertModel has pooler.dense)
+    adapted = lora.init(jax.random.key(0), params, [lora.LoraRule.all_linear(2, alpha=5)])
+    adapted = jax.tree.map(
+        lambda x: lora.LoraWeight(x.base, x.lora_a, 0.1 * jnp.ones_like(x.lora_b), x.scale) if lora.is_lora(x) else x,
+        adapted, is_leaf=lora.is_lora,
+    )  # fmt: skip
+    out = io_peft.export_peft(tmp_path / "peft", adapted, base_model_name_or_path="tiny-bert", model_kind="bert")
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert "encoder.layer.0.attention.self.query" in targets and "dense" not in targets
+    assert "base_model.model.encoder.layer.1.intermediate.dense.lora_A.weight" in load_file(
+        str(out / "adapter_model.safetensors")
+    )
+    model = peft.PeftModel.from_pretrained(model_cls.from_pretrained(str(tmp_path / "base")), str(out)).eval()
+    ours = bert.apply(adapted, jnp.asarray(tokens), config=config)
+    assert rel(ours, bert_hidden(model, tokens)) <= 1e-4
+    # PEFT -> ours
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(
+        model_cls.from_pretrained(str(tmp_path / "base")),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]),
+    )
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    pm.eval().save_pretrained(str(tmp_path / "from_peft"))
+    imported = io_peft.import_peft(tmp_path / "from_peft", params)
+    assert len(lora.nodes(imported)) == 4
+    assert rel(bert.apply(imported, jnp.asarray(tokens), config=config), bert_hidden(pm, tokens)) <= 1e-4
+    # merged
+    export_hf.export_merged_hf(tmp_path / "merged", adapted, config)
+    merged = model_cls.from_pretrained(str(tmp_path / "merged")).eval()
+    assert rel(ours, bert_hidden(merged, tokens)) <= 1e-4
+
+
+# ----------------------------------------------------------------------------
+# PEFT errors (no torch needed: folders written by hand)
+
+
+def _peft_dir(d: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    base = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    (d / "adapter_config.json").write_text(json.dumps({**base, **(config or {})}))
+    if tensors is None:
+        tensors = {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 32), np.float32),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((32, 2), np.float32),
+        }
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def test_import_hand_written_peft(tmp_path):
+    params = _base()
+    adapted = io_peft.import_peft(_peft_dir(tmp_path / "p", {"use_rslora": True}), params, "llama")
+    (path, node), = lora.nodes(adapted)  # fmt: skip
+    assert path == "layers/0/attn/q_proj/kernel" and node.scale == pytest.approx(4 / np.sqrt(2))
+    assert adapted["layers"][1]["attn"]["q_proj"]["kernel"] is params["layers"][1]["attn"]["q_proj"]["kernel"]
+
+
+@pytest.mark.parametrize(
+    ("config", "tensors", "match"),
+    [
+        ({"peft_type": "IA3"}, None, "peft_type='IA3'; only LORA adapters are read"),
+        ({"use_dora": True}, None, r"use_dora=True is not supported \(a LoRA node holds A and B only\)"),
+        ({"bias": "all"}, None, "bias='all' is not supported"),
+        ({"modules_to_save": ["lm_head"]}, None, r"modules_to_save=\['lm_head'\] is not supported"),
+        ({"rank_pattern": {"q_proj": 3}}, None, "has rank 2 but adapter_config.json gives r=3"),
+        ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 32), np.float32)},
+         "has lora_A but not both lora_A and lora_B"),
+        ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": np.ones((2, 64), np.float32)},
+         "is not a LoRA factor"),
+        ({}, {"base_model.model.model.norm.lora_A.weight": np.ones((2, 32), np.float32),
+              "base_model.model.model.norm.lora_B.weight": np.ones((32, 2), np.float32)},
+         "module 'model.norm' has no counterpart in the built-in llama model"),
+        ({}, {"base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight": np.ones((2, 32), np.float32),
+              "base_model.model.model.layers.5.self_attn.q_proj.lora_B.weight": np.ones((32, 2), np.float32)},
+         "adapter path 'layers/5/attn/q_proj/kernel' is not in the base params"),
+        ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 48), np.float32),
+              "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((32, 2), np.float32)},
+         r"q_proj -> layers/0/attn/q_proj/kernel': factors A \(48, 2\) and B \(2, 32\) do not fit the base weight"),
+        ({}, {}, "no LoRA tensors"),
+    ],
+)  # fmt: skip
+def test_import_peft_errors(tmp_path, config, tensors, match):
+    d = _peft_dir(tmp_path / "p", config, tensors)
+    with pytest.raises(CheckpointError, match=match):
+        io_peft.import_peft(d, _base(), "llama")
+
+
+def test_import_peft_file_errors(tmp_path):
+    params = _base()
+    with pytest.raises(FileNotFoundError, match="no such PEFT adapter folder"):
+        io_peft.import_peft(tmp_path / "nope", params)
+    d = _peft_dir(tmp_path / "p")
+    (d / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing PEFT adapter weights"):
+        io_peft.import_peft(d, params)
+    (d / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")  # would unpickle to 1; must never be opened
+    with pytest.raises(CheckpointError, match=r"adapter_model\.bin: pickle adapter weights are refused"):
+        io_peft.import_peft(d, params)
+    d = _peft_dir(tmp_path / "q")
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors: truncated or corrupted safetensors file"):
+        io_peft.import_peft(d, params)
+    (d / "adapter_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json: not valid JSON"):
+        io_peft.import_peft(d, params)
+    (d / "adapter_config.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json: expected a JSON object, got list"):
+        io_peft.import_peft(d, params)
+    (d / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json: missing"):
+        io_peft.import_peft(d, params)
+    with pytest.raises(ValueError, match=r"model_kind must be one of \('llama', 'bert'\), got 'gpt2'"):
+        io_peft.import_peft(d, params, "gpt2")
+    save_file({"x": np.zeros(2, np.int32)}, str(f))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(CheckpointError, match="tensor 'x' has dtype I32; LoRA factors must be floats"):
+        io_peft.import_peft(d, params)
+
+
+def test_export_peft_errors(tmp_path):
+    params = _base()
+    with pytest.raises(ValueError, match="export_peft: params hold no LoRA weight"):
+        io_peft.export_peft(tmp_path, params, base_model_name_or_path="x")
+    emb = lora.init(jax.random.key(0), params, [lora.LoraRule(pattern="embed", rank=2)])
+    with pytest.raises(ValueError, match=r"'embed' has no llama module in PEFT's naming \(PEFT's embedding LoRA"):
+        io_peft.export_peft(tmp_path, emb, base_model_name_or_path="x")
+    multi = {"layers": [{"attn": {"q_proj": {"kernel": jnp.ones((4, 8, 32))}}}]}
+    multi = lora.init(jax.random.key(0), multi, [lora.LoraRule(pattern=".*kernel", rank=2, in_dims=2)])
+    with pytest.raises(ValueError, match="has in_ndim=2; PEFT Linear layers need in_ndim=1"):
+        io_peft.export_peft(tmp_path, multi, base_model_name_or_path="x")
+
+
+def test_module_names():
+    assert io_peft.hf_module_name("layers/1/mlp/down_proj/kernel", "bert") == "encoder.layer.1.output.dense"
+    assert io_peft.hf_module_name("lm_head", "llama") == "lm_head" and io_peft.hf_module_name("lm_head", "bert") is None
+    assert io_peft.kernel_path("bert.encoder.layer.2.attention.self.key", "bert") == "layers/2/attn/k_proj/kernel"
+    assert io_peft.kernel_path("layers.3.self_attn.o_proj", "llama") == "layers/3/attn/o_proj/kernel"
