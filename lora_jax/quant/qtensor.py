@@ -195,9 +195,12 @@ class QTensor:
         return dataclasses.replace(self, transposed=not self.transposed)
 
     def __repr__(self) -> str:
+        # children that are not arrays (e.g. after jax.tree.map(lambda a: a.shape, params)) are shown
+        odd = [(n, getattr(self, n)) for n in self._CHILDREN if getattr(self, n) is not None]
+        odd = "".join(f", {n}={v!r}" for n, v in odd if not hasattr(v, "dtype"))
         return (
             f"QTensor({self.format}, shape={self.shape}, block_size={self.block_size}, "
-            f"double_quant={self.double_quant}, dtype={self.dtype}{', transposed' if self.transposed else ''})"
+            f"double_quant={self.double_quant}, dtype={self.dtype}{', transposed' if self.transposed else ''}{odd})"
         )
 
     # -- decoding ---------------------------------------------------------------
