@@ -9,14 +9,20 @@ The node behaves like the weight it replaces in model code: ``x @ node`` compute
 ``x @ W0 + s * ((x @ A) @ B)`` without forming ``W0 + s * A @ B`` (jax arrays
 defer ``@`` to the node's ``__rmatmul__``), ``node[ids]`` looks rows up in an
 embedding table, ``node.T`` is the transposed weight (tied output heads), and
-:func:`contract` handles kernels with several input or output axes.
+:func:`contract` handles kernels with several input or output axes. A node is not
+an array: ``jnp.asarray(node)``, ``np.asarray(node)``, ``jnp.einsum`` or
+``lax.dot_general`` on it raise :class:`lora_jax.errors.LoraError` naming the fixes.
+
+The adapter's product has a hand-written backward pass (:mod:`lora_jax._kernels`);
+:func:`with_custom_vjp` switches a tree to plain autodiff, for forward-mode
+differentiation (``jax.jvp``, ``jax.jacfwd``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -24,17 +30,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import _kernels
 from lora_jax import paths as _paths
+from lora_jax.errors import LoraError
+from lora_jax.paths import FACTOR_NAMES, is_factor_path  # re-exported: their home is paths
+
+__all__ = [
+    "FACTOR_NAMES",
+    "LoraRule",
+    "LoraWeight",
+    "ParamCount",
+    "contract",
+    "count",
+    "dense",
+    "init",
+    "is_factor_path",
+    "is_lora",
+    "is_node",
+    "merge",
+    "nodes",
+    "unmerge",
+    "with_custom_vjp",
+    "with_dropout_keys",
+]
 
 PyTree = Any
 InitFn = Callable[[jax.Array, Any, int], tuple[jax.Array, jax.Array]]
-
-FACTOR_NAMES = ("lora_a", "lora_b")
-
-
-def is_factor_path(path: str) -> bool:
-    """True for the path of a LoRA factor (``.../lora_a`` or ``.../lora_b``)."""
-    return path.rsplit("/", 1)[-1] in FACTOR_NAMES
 
 
 def dense(w: Any) -> jax.Array:
@@ -48,37 +69,36 @@ def is_node(x: Any) -> bool:
     return isinstance(x, LoraWeight) or callable(getattr(x, "dequantize", None))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _low_rank(x_ND, a_DR, b_RO, scale: float):
-    """``((x @ A) * s) @ B`` with a backward pass laid out for XLA.
+def _array_misuse(w: Any) -> LoraError:
+    shape = getattr(getattr(w, "base", None), "shape", None)
+    shape = "" if shape is None else f" of shape {tuple(shape)}"
+    return LoraError(
+        f"a LoRA weight (LoraWeight{shape}) is not an array: it holds the frozen base W0 and the "
+        "factors A, B, and converting it would drop the adapter. Compute with it as `x @ w`, or "
+        "`lora_jax.lora.contract(x, w)` for kernels with several input/output axes; for a flax.linen "
+        "model call `lora_jax.flax_adapt.linen_apply(model, params, ...)` instead of `model.apply`; "
+        "for a plain weight take `lora_jax.merge(params)` first."
+    )
 
-    The hand-written backward keeps every large operand (``x``, the output
-    cotangent) in its natural row-major layout and transposes only the small
-    rank-``r`` tensors; optimization barriers stop XLA from folding those small
-    transposes back into the dots, which otherwise makes it materialize a
-    transposed copy of each adapter's input and output gradient (measured
-    here: about a fifth of a LoRA train step on CPU). Forward-mode
-    differentiation (``jax.jvp``) is not defined for it.
+
+def _register_array_misuse_hook() -> None:
+    """Make ``lax`` primitives given a node (``lax.dot_general(x, node, ...)``) raise :func:`_array_misuse`.
+
+    JAX checks a registered value handler before it looks at ``__jax_array__``;
+    without one it raises its own "Triggering __jax_array__()" error. The hook
+    is JAX-internal, so it is optional here; tests/test_lora.py fails when it stops working.
     """
-    return ((x_ND @ a_DR) * jnp.asarray(scale, x_ND.dtype)) @ b_RO
+    try:
+        from jax._src import dtypes as jax_dtypes
 
+        register = jax_dtypes.register_canonicalize_value_handler
+    except (ImportError, AttributeError):  # pragma: no cover - a JAX without the hook
+        return
 
-def _low_rank_fwd(x_ND, a_DR, b_RO, scale):
-    h_NR = (x_ND @ a_DR) * jnp.asarray(scale, x_ND.dtype)
-    return h_NR @ b_RO, (x_ND, a_DR, b_RO, h_NR)
+    def refuse(w):
+        raise _array_misuse(w)
 
-
-def _low_rank_bwd(scale, res, g_NO):
-    x_ND, a_DR, b_RO, h_NR = res
-    bar = jax.lax.optimization_barrier
-    db_RO = bar(h_NR.T) @ g_NO
-    dh_NR = (g_NO @ bar(b_RO.T)) * jnp.asarray(scale, g_NO.dtype)
-    da_DR = bar(bar(dh_NR.T) @ x_ND).T
-    dx_ND = dh_NR @ bar(a_DR.T)
-    return dx_ND, da_DR, db_RO
-
-
-_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+    register(LoraWeight, refuse)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -96,6 +116,10 @@ class LoraWeight:
       dropout: static dropout rate on the adapter input.
       dropout_key: PRNG key for the adapter dropout; ``None`` means no dropout
         (evaluation). The train step sets it with :func:`with_dropout_keys`.
+      custom_vjp: static; ``True`` runs the adapter (and a quantized base) through
+        the hand-written backward passes of :mod:`lora_jax._kernels`, ``False``
+        through plain autodiff, which forward-mode AD (``jax.jvp``) also needs.
+        Set it on a tree with :func:`with_custom_vjp`.
     """
 
     base: Any
@@ -106,6 +130,7 @@ class LoraWeight:
     in_ndim: int = 1
     dropout: float = 0.0
     dropout_key: Any = None
+    custom_vjp: bool = True
 
     # -- pytree protocol --------------------------------------------------
     def tree_flatten_with_keys(self):
@@ -116,16 +141,32 @@ class LoraWeight:
             (k("lora_b"), self.lora_b),
             (k("dropout_key"), self.dropout_key),
         )
-        return children, (self.scale, self.in_ndim, self.dropout)
+        return children, (self.scale, self.in_ndim, self.dropout, self.custom_vjp)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
         for name, value in zip(("base", "lora_a", "lora_b", "dropout_key"), children):
             object.__setattr__(obj, name, value)
-        for name, value in zip(("scale", "in_ndim", "dropout"), aux):
+        for name, value in zip(("scale", "in_ndim", "dropout", "custom_vjp"), aux):
             object.__setattr__(obj, name, value)
         return obj
+
+    # -- not an array ----------------------------------------------------------
+    def __array__(self, *args, **kwargs):
+        """``np.asarray(node)``: raise a :class:`LoraError` naming the fixes."""
+        raise _array_misuse(self)
+
+    def __jax_array__(self):
+        """``jnp.asarray(node)``, ``jnp.einsum(..., node)``: raise a :class:`LoraError` naming the fixes.
+
+        A jax array's binary operators (``x @ node``) also ask for this; for them
+        the node answers with itself, which they do not accept, so Python falls
+        back to the node's own ``__rmatmul__``.
+        """
+        if sys._getframe(1).f_code.co_name.startswith("_operator_"):
+            return self
+        raise _array_misuse(self)
 
     # -- array-like surface --------------------------------------------------
     @property
@@ -165,7 +206,7 @@ class LoraWeight:
         b = self.lora_b.astype(x_flat.dtype)
         x = self._adapter_input(x_flat)
         lead = x.shape[:-1]
-        y = _low_rank(x.reshape(-1, x.shape[-1]), a, b, float(self.scale))
+        y = _kernels.low_rank(x.reshape(-1, x.shape[-1]), a, b, float(self.scale), custom_vjp=self.custom_vjp)
         return y.reshape(*lead, b.shape[-1])
 
     def __rmatmul__(self, x):
@@ -180,7 +221,7 @@ class LoraWeight:
             b = self.lora_b.astype(x.dtype)
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
-            y = fused(x2, self._adapter_input(x2), a, b, float(self.scale))
+            y = fused(x2, self._adapter_input(x2), a, b, float(self.scale), custom_vjp=self.custom_vjp)
             return y.reshape(*lead, y.shape[-1])
         return (x @ self.base) + self.delta(x)
 
@@ -208,12 +249,15 @@ class LoraWeight:
         return d.reshape(self.shape if shape is None else tuple(shape))
 
     def __repr__(self) -> str:
-        shape = "?" if self.base is None else self.shape
-        rank = "?" if self.lora_a is None else self.rank
-        return (
-            f"LoraWeight(shape={shape}, rank={rank}, scale={self.scale:g}, "
-            f"in_ndim={self.in_ndim}, dropout={self.dropout:g}, base={type(self.base).__name__})"
-        )
+        static = f"scale={self.scale:g}, in_ndim={self.in_ndim}, dropout={self.dropout:g}"
+        if not self.custom_vjp:
+            static += ", custom_vjp=False"
+        if all(hasattr(c, "shape") or c is None for c in (self.base, self.lora_a)):
+            shape = "?" if self.base is None else self.shape
+            rank = "?" if self.lora_a is None else self.rank
+            return f"LoraWeight(shape={shape}, rank={rank}, {static}, base={type(self.base).__name__})"
+        # children that are not arrays (e.g. after jax.tree.map(lambda a: a.shape, params)): show them
+        return f"LoraWeight(base={self.base!r}, lora_a={self.lora_a!r}, lora_b={self.lora_b!r}, {static})"
 
 
 def contract(x: jax.Array, w: Any) -> jax.Array:
@@ -233,7 +277,7 @@ def contract(x: jax.Array, w: Any) -> jax.Array:
         return jnp.tensordot(x, w, axes=1)
     n = w.in_ndim
     if tuple(x.shape[x.ndim - n :]) != w.in_shape:
-        raise ValueError(
+        raise LoraError(
             f"input trailing shape {tuple(x.shape[x.ndim - n:])} does not match the "
             f"LoRA weight's input shape {w.in_shape} (weight shape {w.shape}, in_ndim={n})"
         )
@@ -276,18 +320,18 @@ class LoraRule:
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoraRule({self.pattern!r}): rank must be a positive int, got {self.rank!r}")
+            raise LoraError(f"LoraRule({self.pattern!r}): rank must be a positive int, got {self.rank!r}")
         if self.alpha is not None and not (self.alpha > 0):
-            raise ValueError(f"LoraRule({self.pattern!r}): alpha must be > 0, got {self.alpha!r}")
+            raise LoraError(f"LoraRule({self.pattern!r}): alpha must be > 0, got {self.alpha!r}")
         if not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"LoraRule({self.pattern!r}): dropout must be in [0, 1), got {self.dropout!r}")
+            raise LoraError(f"LoraRule({self.pattern!r}): dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.init, str) and self.init not in ("kaiming", "gaussian"):
-            raise ValueError(
+            raise LoraError(
                 f"LoraRule({self.pattern!r}): init must be 'kaiming', 'gaussian' or a function, "
                 f"got {self.init!r}"
             )
         if not isinstance(self.in_dims, int) or self.in_dims < 1:
-            raise ValueError(f"LoraRule({self.pattern!r}): in_dims must be an int >= 1, got {self.in_dims!r}")
+            raise LoraError(f"LoraRule({self.pattern!r}): in_dims must be an int >= 1, got {self.in_dims!r}")
 
     @property
     def scale(self) -> float:
@@ -316,7 +360,7 @@ def _init_factors(key, w, rule: LoraRule, d_in: int, d_out: int, dtype):
     if callable(rule.init):
         a, b = rule.init(key, w, r)
         if tuple(a.shape) != (d_in, r) or tuple(b.shape) != (r, d_out):
-            raise ValueError(
+            raise LoraError(
                 f"init function of {rule!r} returned A {tuple(a.shape)}, B {tuple(b.shape)}; "
                 f"expected A {(d_in, r)}, B {(r, d_out)}"
             )
@@ -342,8 +386,9 @@ def init(key: jax.Array, params: PyTree, rules: Sequence[LoraRule]) -> PyTree:
       ``B = 0``, so the adapted model computes exactly what the base computes.
 
     Raises:
-      ValueError: a rule matches nothing, matches a non-matrix leaf, an already
-        adapted leaf, or asks for a rank larger than ``min(d_in, d_out)``.
+      RuleError: a rule matches nothing (or only paths an earlier rule took).
+      LoraError: a rule matches a non-matrix leaf, an already adapted leaf, or
+        asks for a rank larger than ``min(d_in, d_out)``. Both are ``ValueError`` s.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -356,41 +401,36 @@ def init(key: jax.Array, params: PyTree, rules: Sequence[LoraRule]) -> PyTree:
       >>> round(count(params).reduction, 3)
       0.859
     """
-    assigned = _paths.assign_rules(params, rules, is_leaf=is_node, what="LoRA rule", rule_type=LoraRule,
-                                   caller="lora.init")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_node)
-    out = []
-    for i, (p, w) in enumerate(flat):
-        path = _paths.path_str(p)
-        rule = assigned.get(path)
-        if rule is None:
-            out.append(w)
-            continue
+    index = {p: i for i, (p, _) in enumerate(_paths.leaves_with_paths(params, is_leaf=is_node))}
+
+    def adapt(path: str, w: Any, rule: LoraRule) -> LoraWeight:
         if isinstance(w, LoraWeight):
-            raise ValueError(f"{rule!r} matched {path!r}, which is already a LoRA weight")
+            raise LoraError(f"{rule!r} matched {path!r}, which is already a LoRA weight")
         shape = tuple(getattr(w, "shape", ()))
         if len(shape) < 2:
-            raise ValueError(
+            raise LoraError(
                 f"{rule!r} matched {path!r} of shape {shape}, which is not a matrix: LoRA "
                 "targets kernels with at least 2 axes. Narrow the pattern (e.g. end it in 'kernel')."
             )
         if rule.in_dims >= len(shape):
-            raise ValueError(
+            raise LoraError(
                 f"{rule!r} matched {path!r} of shape {shape}: in_dims={rule.in_dims} leaves no output axis"
             )
         d_in = math.prod(shape[: rule.in_dims])
         d_out = math.prod(shape[rule.in_dims :])
         if rule.rank > min(d_in, d_out):
-            raise ValueError(
+            raise LoraError(
                 f"{rule!r}: rank {rule.rank} is larger than min(d_in, d_out) = {min(d_in, d_out)} "
                 f"for {path!r} of shape {shape}"
             )
         dtype = w.dtype
         if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"{rule!r} matched {path!r} with dtype {dtype}; LoRA needs a float weight")
-        a, b = _init_factors(jax.random.fold_in(key, i), w, rule, d_in, d_out, dtype)
-        out.append(LoraWeight(w, a, b, rule.scale, rule.in_dims, rule.dropout))
-    return treedef.unflatten(out)
+            raise LoraError(f"{rule!r} matched {path!r} with dtype {dtype}; LoRA needs a float weight")
+        a, b = _init_factors(jax.random.fold_in(key, index[path]), w, rule, d_in, d_out, dtype)
+        return LoraWeight(w, a, b, rule.scale, rule.in_dims, rule.dropout)
+
+    return _paths.map_rules(params, rules, adapt, is_leaf=is_node, what="LoRA rule", rule_type=LoraRule,
+                            caller="lora.init")
 
 
 def is_lora(x: Any) -> bool:
@@ -400,6 +440,22 @@ def is_lora(x: Any) -> bool:
 def nodes(params: PyTree) -> list[tuple[str, LoraWeight]]:
     """All LoRA weights of a tree with their paths."""
     return [(p, x) for p, x in _paths.leaves_with_paths(params, is_leaf=is_node) if is_lora(x)]
+
+
+def with_custom_vjp(params: PyTree, enabled: bool) -> PyTree:
+    """Set :attr:`LoraWeight.custom_vjp` on every LoRA weight (``False``: plain autodiff, ``jax.jvp`` works).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> params = init(jax.random.key(0), {"kernel": jnp.ones((4, 3))}, [LoraRule(pattern="kernel", rank=1)])
+      >>> plain = with_custom_vjp(params, False)
+      >>> x = jnp.ones((2, 4))
+      >>> jax.jvp(lambda x: x @ plain["kernel"], (x,), (x,))[1].tolist()
+      [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
+    """
+    return jax.tree.map(
+        lambda x: dataclasses.replace(x, custom_vjp=bool(enabled)) if is_lora(x) else x, params, is_leaf=is_node
+    )
 
 
 def with_dropout_keys(params: PyTree, key: jax.Array | None) -> PyTree:
@@ -484,3 +540,6 @@ def count(params: PyTree) -> ParamCount:
         else:
             frozen += _size(x)
     return ParamCount(trainable, frozen, trainable + frozen, adapted)
+
+
+_register_array_misuse_hook()

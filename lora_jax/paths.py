@@ -1,9 +1,11 @@
-"""Key paths, path rules, filters, and the trainable/frozen split.
+"""Key paths, factor names, path rules (:func:`map_rules`, the one rule walk), filters, split / combine.
 
 Every leaf of a parameter pytree has a *path*: its keys joined with ``/``
 (``layers/3/attn/q_proj/kernel``). Rules select leaves by matching a regular
 expression against that path with :func:`re.fullmatch`; rules are ordered and
 the first one that matches a leaf wins. A rule that matches nothing is an error.
+LoRA factors sit under the keys :data:`FACTOR_NAMES`, which is what the default
+trainable filter of :func:`split` selects.
 """
 
 from __future__ import annotations
@@ -15,8 +17,23 @@ from typing import Any, Protocol, TypeVar
 
 import jax
 
+from lora_jax.errors import RuleError
+
 PyTree = Any
 Filter = Callable[[str, Any], bool]
+
+#: The keys under which a LoRA node flattens its trainable factors (A, B).
+FACTOR_NAMES = ("lora_a", "lora_b")
+
+
+def is_factor_path(path: str) -> bool:
+    """True for the path of a LoRA factor (``.../lora_a`` or ``.../lora_b``).
+
+    Examples:
+      >>> is_factor_path("layers/0/q_proj/kernel/lora_a"), is_factor_path("layers/0/q_proj/kernel/base")
+      (True, False)
+    """
+    return path.rsplit("/", 1)[-1] in FACTOR_NAMES
 
 
 def key_to_str(key: Any) -> str:
@@ -102,7 +119,7 @@ def assign_rules(
       ``{path: rule}`` for every leaf matched by some rule.
 
     Raises:
-      ValueError: a pattern is not a valid regex, or a rule matches no leaf
+      RuleError: a pattern is not a valid regex, or a rule matches no leaf
         (the message names the rule and lists paths of the tree).
 
     Examples:
@@ -117,7 +134,7 @@ def assign_rules(
     if rule_type is not None:
         name = rule_type.__name__
         if not rules:
-            raise ValueError(f"{caller} needs at least one {name}, e.g. [{name}(pattern='.*kernel', ...)]")
+            raise RuleError(f"{caller} needs at least one {name}, e.g. [{name}(pattern='.*kernel', ...)]")
         for r in rules:
             if not isinstance(r, rule_type):
                 raise TypeError(f"rules must be {name} instances, got {type(r).__name__}: {r!r}")
@@ -126,7 +143,7 @@ def assign_rules(
         try:
             compiled.append(re.compile(rule.pattern))
         except re.error as e:
-            raise ValueError(f"{what} pattern {rule.pattern!r} is not a valid regex: {e}") from e
+            raise RuleError(f"{what} pattern {rule.pattern!r} is not a valid regex: {e}") from e
     leaves = leaves_with_paths(tree, is_leaf=is_leaf)
     paths = [p for p, _ in leaves]
     used = [False] * len(rules)
@@ -146,12 +163,64 @@ def assign_rules(
             shadow = ""
             if any(compiled[i].fullmatch(p) for p in paths):
                 shadow = " (every path it matches is taken by an earlier rule: first match wins)"
-            raise ValueError(
+            raise RuleError(
                 f"{what} {rules[i]!r} matches no leaf of the tree{shadow}. "
                 f"Patterns are matched with re.fullmatch on '/'-joined paths. "
                 f"Paths in the tree include:\n  {examples}"
             )
     return out
+
+
+def map_rules(
+    tree: PyTree,
+    rules: Sequence[R],
+    fn: Callable[[str, Any, R], Any],
+    *,
+    is_leaf: Callable[[Any], bool] | None = None,
+    what: str = "rule",
+    rule_type: type | None = None,
+    caller: str = "map_rules",
+) -> PyTree:
+    """Replace every leaf matched by ``rules`` with ``fn(path, leaf, rule)``: the one rule walk.
+
+    Rules are assigned by :func:`assign_rules` (first match wins; a rule that
+    matches nothing, or only paths an earlier rule took, is an error); leaves no
+    rule matches are kept as they are. ``lora.init`` and ``quant.quantize`` are
+    this walk with their own ``fn``.
+
+    Args:
+      tree: the parameter pytree.
+      rules: ordered rules, each with a ``pattern`` attribute (a regex).
+      fn: ``(path, leaf, rule) -> new leaf``, called in flattening order.
+      is_leaf, what, rule_type, caller: as for :func:`assign_rules`.
+
+    Returns:
+      A tree of the same structure with the matched leaves replaced.
+
+    Raises:
+      RuleError: as :func:`assign_rules`.
+
+    Examples:
+      >>> import dataclasses
+      >>> @dataclasses.dataclass
+      ... class Scale:
+      ...   pattern: str
+      ...   factor: int
+      >>> map_rules({"q": {"kernel": 1, "bias": 2}}, [Scale("q/kernel", 10)], lambda p, x, r: x * r.factor)
+      {'q': {'bias': 2, 'kernel': 10}}
+      >>> map_rules({"q": 1}, [Scale("k", 10)], lambda p, x, r: x)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      lora_jax.errors.RuleError: rule Scale(pattern='k', factor=10) matches no leaf of the tree. ...
+    """
+    assigned = assign_rules(tree, rules, is_leaf=is_leaf, what=what, rule_type=rule_type, caller=caller)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    out = []
+    for p, leaf in flat:
+        path = path_str(p)
+        rule = assigned.get(path)
+        out.append(leaf if rule is None else fn(path, leaf, rule))
+    return treedef.unflatten(out)
 
 
 # ----------------------------------------------------------------------------
@@ -164,9 +233,7 @@ def is_trainable_leaf(path: str, leaf: Any) -> bool:
     LoRA nodes flatten their factors under the keys ``a`` and ``b`` (the base
     weight is ``base``), so this is a statement about paths, not about types.
     """
-    from lora_jax import lora  # local import: lora depends on this module
-
-    return lora.is_factor_path(path)
+    return is_factor_path(path)
 
 
 def everything(path: str, leaf: Any) -> bool:

@@ -239,3 +239,69 @@ def test_all_linear_works_under_strict_dtype_promotion(model):
     p = lora.init(jax.random.key(0), params, [lj.LoraRule.all_linear(2)])
     with jax.numpy_dtype_promotion("strict"):
         llama.apply(p, tokens, CFG)
+
+
+# ----------------------------------------------------------------------------
+# A LoRA weight is not an array: conversions raise a LoraError naming the fixes
+
+
+@pytest.fixture(scope="module")
+def small_node():
+    params = lora.init(jax.random.key(0), {"kernel": jnp.ones((4, 3))}, [lj.LoraRule(pattern="kernel", rank=2)])
+    return params["kernel"]
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        lambda w: jnp.asarray(w),
+        lambda w: np.asarray(w),
+        lambda w: jnp.einsum("ij,jk->ik", jnp.ones((2, 4)), w),
+        lambda w: jax.lax.dot_general(jnp.ones((2, 4)), w, (((1,), (0,)), ((), ()))),
+        lambda w: jnp.dot(jnp.ones((2, 4)), w),
+    ],
+    ids=["jnp.asarray", "np.asarray", "einsum", "dot_general", "jnp.dot"],
+)
+def test_array_conversion_raises_lora_error(small_node, convert):
+    from lora_jax.errors import LoraError
+
+    with pytest.raises(LoraError, match="LoRA") as info:
+        convert(small_node)
+    for fix in ("x @ w", "lora_jax.lora.contract(x, w)", "lora_jax.flax_adapt.linen_apply", "lora_jax.merge(params)"):
+        assert fix in str(info.value)
+
+
+def test_flax_model_apply_on_lora_params_raises_lora_error():
+    import flax.linen as nn
+
+    from lora_jax.errors import LoraError
+
+    model = nn.Dense(3)
+    variables = model.init(jax.random.key(0), jnp.ones((1, 4)))
+    adapted = lora.init(jax.random.key(1), variables, [lj.LoraRule(pattern=".*kernel", rank=2)])
+    with pytest.raises(LoraError, match="LoRA.*linen_apply"):
+        model.apply(adapted, jnp.ones((2, 4)))
+
+
+def test_array_like_uses_still_work(small_node):
+    x = jnp.ones((2, 4))
+    assert (x @ small_node).shape == (2, 3)
+    assert (np.ones((2, 4), np.float32) @ small_node).shape == (2, 3)
+    assert small_node.T.shape == (3, 4) and small_node[jnp.array([0, 1])].shape == (2, 3)
+    assert jax.jit(lambda x, w: x @ w)(x, small_node).shape == (2, 3)
+    assert jax.vmap(lambda x: x @ small_node)(jnp.ones((5, 2, 4))).shape == (5, 2, 3)
+    assert len(jax.tree.leaves(small_node)) == 3
+
+
+def test_repr_of_a_shape_mapped_tree_shows_the_shapes(model):
+    params, _ = model
+    adapted = lora.init(jax.random.key(3), params, [lj.LoraRule(pattern=SEVEN, rank=4)])
+    text = repr(jax.tree.map(lambda a: a.shape, adapted))
+    assert "LoraWeight(base=(32, 32), lora_a=(32, 4), lora_b=(4, 32)" in text
+    assert "LoraWeight(base=(32, 64), lora_a=(32, 4), lora_b=(4, 64)" in text
+
+
+def test_factor_names_live_in_paths_and_lora_re_exports_them():
+    from lora_jax import paths
+
+    assert lora.FACTOR_NAMES is paths.FACTOR_NAMES and lora.is_factor_path is paths.is_factor_path

@@ -55,6 +55,40 @@ def test_invalid_regex_is_an_error():
         paths.assign_rules(TREE, [Rule("layers/(")])
 
 
+def test_map_rules_calls_fn_on_matched_leaves_only_first_match_wins():
+    r1, r2 = Rule(r"layers/0/.*"), Rule(r".*kernel")
+    seen = []
+
+    def fn(path, leaf, rule):
+        seen.append((path, rule))
+        return str(leaf.shape)
+
+    out = paths.map_rules(TREE, [r1, r2], fn)
+    assert out["layers"][0]["attn"]["q_proj"]["kernel"] == "(4, 4)"
+    assert out["embed"] is TREE["embed"]
+    assert ("layers/0/attn/k_proj/kernel", r1) in seen and ("layers/1/attn/k_proj/kernel", r2) in seen
+    assert len(seen) == 4 and jax.tree.structure(out) == jax.tree.structure(TREE)
+
+
+@pytest.mark.parametrize(
+    ("rules", "match"),
+    [([Rule("layers")], "matches no leaf"), ([Rule(".*"), Rule("embed")], "taken by an earlier rule"),
+     ([Rule("layers/(")], "not a valid regex")],
+)
+def test_map_rules_errors_are_assign_rules_errors(rules, match):
+    from lora_jax.errors import RuleError
+
+    with pytest.raises(RuleError, match=match):
+        paths.map_rules(TREE, rules, lambda p, x, r: x)
+
+
+def test_map_rules_checks_rule_type():
+    with pytest.raises(ValueError, match=r"lora.init needs at least one LoraRule"):
+        paths.map_rules(TREE, [], lambda p, x, r: x, rule_type=lj.LoraRule, caller="lora.init")
+    with pytest.raises(TypeError, match="rules must be LoraRule instances"):
+        paths.map_rules(TREE, [Rule(".*")], lambda p, x, r: x, rule_type=lj.LoraRule)
+
+
 def test_combine_needs_a_tree():
     with pytest.raises(ValueError, match="at least one tree"):
         lj.combine()

@@ -536,3 +536,12 @@ def test_eager_numpy_encoding_equals_traced_encoding(fmt, dq):
         if a is not None:
             assert a.dtype == b.dtype and a.shape == b.shape, name
             np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, err_msg=name)
+
+
+def test_repr_of_a_shape_mapped_qlora_tree_shows_the_shapes():
+    params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (128, 64))}}
+    q = quant.quantize(params, [quant.QuantRule(pattern=".*kernel", double_quant=True)])
+    adapted = lora.init(jax.random.key(1), q, [lora.LoraRule(pattern=".*kernel", rank=4)])
+    text = repr(jax.tree.map(lambda a: a.shape, adapted))
+    assert "QTensor(nf4, shape=(128, 64)" in text and "codes=(64, 64)" in text and "scales=(2, 64)" in text
+    assert "lora_a=(128, 4), lora_b=(4, 64)" in text

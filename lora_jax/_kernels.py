@@ -1,0 +1,188 @@
+"""Custom VJPs of the core ops (low-rank product, dequantizing matmul, QLoRA layer) and their plain fallbacks.
+
+Three ops carry a hand-written backward pass:
+
+* :func:`low_rank`: ``((x @ A) * s) @ B``, the LoRA adapter;
+* :func:`qmatmul`: ``x @ dequantize(q)`` whose residual is the packed leaf;
+* :func:`qlora_matmul`: both at once, a QLoRA layer.
+
+``jax.custom_vjp`` functions cannot be differentiated in forward mode
+(``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``). Each op therefore takes
+``custom_vjp=True``; ``custom_vjp=False`` computes the same value with plain
+jax.numpy, which every JAX transformation differentiates (in both modes).
+The flag is a static Python bool, so it composes with ``jit`` (a change
+retraces). :class:`lora_jax.lora.LoraWeight` stores it as a static field;
+:func:`lora_jax.lora.with_custom_vjp` sets it on every node of a tree.
+
+This is a private module: :mod:`lora_jax.lora` and :mod:`lora_jax.quant` import
+its public names.
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> x, a, b = jnp.ones((2, 4)), jnp.ones((4, 1)), jnp.ones((1, 3))
+  >>> low_rank(x, a, b, 0.5).tolist() == low_rank(x, a, b, 0.5, custom_vjp=False).tolist()
+  True
+  >>> jax.jvp(lambda x: low_rank(x, a, b, 0.5, custom_vjp=False), (x,), (x,))[1][0].tolist()
+  [2.0, 2.0, 2.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------
+# The low-rank product (LoRA)
+
+
+def low_rank(x_ND, a_DR, b_RO, scale: float, *, custom_vjp: bool = True):
+    """``((x @ A) * s) @ B`` for 2-D ``x``; ``custom_vjp=False``: plain autodiff (forward mode works)."""
+    if custom_vjp:
+        return _low_rank(x_ND, a_DR, b_RO, scale)
+    return ((x_ND @ a_DR) * jnp.asarray(scale, x_ND.dtype)) @ b_RO
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank(x_ND, a_DR, b_RO, scale: float):
+    """``((x @ A) * s) @ B`` with a backward pass laid out for XLA.
+
+    The hand-written backward keeps every large operand (``x``, the output
+    cotangent) in its natural row-major layout and transposes only the small
+    rank-``r`` tensors; optimization barriers stop XLA from folding those small
+    transposes back into the dots, which otherwise makes it materialize a
+    transposed copy of each adapter's input and output gradient (measured
+    here: about a fifth of a LoRA train step on CPU). Forward-mode
+    differentiation (``jax.jvp``) is not defined for it.
+    """
+    return ((x_ND @ a_DR) * jnp.asarray(scale, x_ND.dtype)) @ b_RO
+
+
+def low_rank_fwd(x_ND, a_DR, b_RO, scale):
+    """Forward pass of :func:`low_rank`: the output and the residuals ``(x, A, B, (x @ A) * s)``."""
+    h_NR = (x_ND @ a_DR) * jnp.asarray(scale, x_ND.dtype)
+    return h_NR @ b_RO, (x_ND, a_DR, b_RO, h_NR)
+
+
+def low_rank_bwd(scale, res, g_NO):
+    """Backward pass of :func:`low_rank`: ``(dx, dA, dB)`` from the residuals and the output cotangent."""
+    x_ND, a_DR, b_RO, h_NR = res
+    bar = jax.lax.optimization_barrier
+    db_RO = bar(h_NR.T) @ g_NO
+    dh_NR = (g_NO @ bar(b_RO.T)) * jnp.asarray(scale, g_NO.dtype)
+    da_DR = bar(bar(dh_NR.T) @ x_ND).T
+    dx_ND = dh_NR @ bar(a_DR.T)
+    return dx_ND, da_DR, db_RO
+
+
+_low_rank.defvjp(low_rank_fwd, low_rank_bwd)
+
+
+# ----------------------------------------------------------------------------
+# The dequantizing matmul (a quantized base)
+
+
+def _zero_of(x) -> jax.Array:
+    """An exact float32 zero that XLA cannot prove constant: ``x0 > inf`` is false for every value, NaN included."""
+    return (x.reshape(-1)[0] > jnp.inf).astype(_F32)
+
+
+def _plus(q, zero):
+    """``q`` with ``zero`` added to its scales: the same values, now data-dependent on ``zero``."""
+    if q.double_quant:
+        return dataclasses.replace(q, scale_mean=q.scale_mean + zero)
+    return dataclasses.replace(q, scales=q.scales + zero)
+
+
+def matmul_late(x, q, after=None):
+    """``x @ dequantize(q)`` with the dequantization scheduled after ``after`` (default ``x``) exists.
+
+    Without a dependency on ``x`` XLA may dequantize every weight of the model up
+    front and keep them all alive (XLA:CPU does), and may CSE the backward's
+    re-dequantization with the forward one. The optimization barrier says so to
+    backends that respect it when scheduling; XLA:CPU drops barriers before
+    scheduling, so the scales also get an exact zero computed from ``after``
+    (see :func:`_zero_of`).
+    """
+    after = x if after is None else after
+    x, q, after = jax.lax.optimization_barrier((x, q, after))
+    if after.size:
+        q = _plus(q, _zero_of(after))
+    return x @ q.dequantize()
+
+
+def _for_dtype(q, dtype):
+    return dataclasses.replace(q, compute_dtype=dtype) if q.dtype != dtype else q
+
+
+def qmatmul(x, q):
+    """``x @ dequantize(q)`` whose backward pass re-dequantizes ``q`` (no dense weight is kept)."""
+    return _qmatmul(np.dtype(jnp.result_type(x)), x, q)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qmatmul(x_dtype, x, q):
+    return matmul_late(x, q)
+
+
+def _qmatmul_fwd(x_dtype, x, q):
+    return matmul_late(x, q), q  # residual: the packed leaf, not the dense weight
+
+
+def _qmatmul_bwd(x_dtype, q, g):
+    dx = matmul_late(g, _for_dtype(q.T, g.dtype))
+    return dx.astype(x_dtype), None  # None: zero cotangents (float0 for integer codes)
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+# ----------------------------------------------------------------------------
+# The QLoRA layer: a quantized base and an adapter as one op
+
+
+def qlora_matmul(x, x_adapter, q, a, b, scale: float, *, custom_vjp: bool = True):
+    """``x @ dequantize(q) + ((x_adapter @ A) * scale) @ B`` for 2-D ``x``: a QLoRA layer.
+
+    What :class:`lora_jax.lora.LoraWeight` computes for a quantized base. One
+    custom VJP for both paths lets each dequantization be ordered after a
+    product of the adapter (``x_adapter @ A`` forward, its input gradient
+    backward), a dot output XLA keeps in memory anyway, rather than after ``x`` or the
+    output gradient, whose elementwise producers XLA would otherwise recompute
+    inside every dequantization and split into extra kernels (a smaller
+    compiled step: fewer instructions held in memory). ``x_adapter`` is
+    ``x`` after adapter dropout (``x`` itself without it). The backward pass
+    re-dequantizes ``q`` instead of keeping the dense weight. ``custom_vjp=False``
+    computes the same value with plain autodiff (``jax.jvp`` works).
+    """
+    if not custom_vjp:
+        return x @ q.dequantize() + low_rank(x_adapter, a, b, float(scale), custom_vjp=False)
+    return _qlora(np.dtype(x.dtype), float(scale), x, x_adapter, q, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _qlora(x_dtype, scale, x, xa, q, a, b):
+    return _qlora_fwd(x_dtype, scale, x, xa, q, a, b)[0]
+
+
+def _qlora_fwd(x_dtype, scale, x, xa, q, a, b):
+    delta, res = low_rank_fwd(xa, a, b, scale)
+    h = res[-1]  # (xa @ A) * scale
+    return matmul_late(x, q, after=h) + delta, (res, q)
+
+
+def _qlora_bwd(x_dtype, scale, residuals, g):
+    res, q = residuals
+    dxa, da, db = low_rank_bwd(scale, res, g)  # the adapter's backward, as for a dense base
+    dx = matmul_late(g, _for_dtype(q.T, g.dtype), after=dxa)  # dxa = (g @ B^T * s) @ A^T, a dot output
+    return dx.astype(x_dtype), dxa, None, da, db
+
+
+_qlora.defvjp(_qlora_fwd, _qlora_bwd)
+
