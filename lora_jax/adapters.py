@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
-from lora_jax.errors import BaseMismatchError, CheckpointError
+from lora_jax.errors import BaseMismatchError, CheckpointError, LoraError
 from lora_jax.io.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_FORMAT,
@@ -83,7 +83,7 @@ def parse_adapter_spec(spec: str) -> tuple[str, float]:
     ``runs/a:3:1``.
 
     Raises:
-      ValueError: an empty folder or weight, or a weight that is not finite.
+      LoraError: an empty folder or weight, or a weight that is not finite.
 
     Examples:
       >>> parse_adapter_spec("runs/b/adapter:0.5")
@@ -94,27 +94,27 @@ def parse_adapter_spec(spec: str) -> tuple[str, float]:
       ('x', -0.1)
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"adapter spec must be 'DIR' or 'DIR:WEIGHT', got {spec!r}")
+        raise LoraError(f"adapter spec must be 'DIR' or 'DIR:WEIGHT', got {spec!r}")
     head, sep, tail = spec.rpartition(":")
     if not sep:
         return spec, 1.0
     if not tail.strip():
-        raise ValueError(f"adapter spec {spec!r} has an empty weight after ':'; write DIR or DIR:WEIGHT, e.g. a:0.5")
+        raise LoraError(f"adapter spec {spec!r} has an empty weight after ':'; write DIR or DIR:WEIGHT, e.g. a:0.5")
     try:
         weight = float(tail)
     except ValueError:
         return spec, 1.0
     if not head:
-        raise ValueError(f"adapter spec {spec!r} has no folder before ':'; write DIR:WEIGHT, e.g. a:0.5")
+        raise LoraError(f"adapter spec {spec!r} has no folder before ':'; write DIR:WEIGHT, e.g. a:0.5")
     if not math.isfinite(weight):
-        raise ValueError(f"adapter spec {spec!r}: the weight must be finite, got {tail!r}")
+        raise LoraError(f"adapter spec {spec!r}: the weight must be finite, got {tail!r}")
     return head, weight
 
 
 def _flat(adapters: Sequence[PyTree]) -> tuple[list[list[tuple[str, Any]]], Any]:
     """Flatten each tree down to LoRA/quantized nodes; all must share one set of paths."""
     if not adapters:
-        raise ValueError("need at least one adapted params tree")
+        raise LoraError("need at least one adapted params tree")
     flats, treedef = [], None
     for i, tree in enumerate(adapters):
         flat, td = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_lora.is_node)
@@ -125,7 +125,7 @@ def _flat(adapters: Sequence[PyTree]) -> tuple[list[list[tuple[str, Any]]], Any]
                 for (a, _), (b, _) in zip(flats[0] + [("<end>", 0)], flat + [("<end>", 0)], strict=False)
                 if a != b
             )
-            raise ValueError(f"adapter {i} is on another base tree: path {diff[1]!r} where adapter 0 has {diff[0]!r}")
+            raise LoraError(f"adapter {i} is on another base tree: path {diff[1]!r} where adapter 0 has {diff[0]!r}")
         flats.append(flat)
         treedef = treedef or td
     return flats, treedef
@@ -142,7 +142,7 @@ def _column(flats, j: int) -> list[tuple[int, _lora.LoraWeight]]:
             or n.lora_a.shape[0] != ref.lora_a.shape[0]
             or n.lora_b.shape[1] != ref.lora_b.shape[1]
         ):
-            raise ValueError(
+            raise LoraError(
                 f"{path!r}: adapter {i} has A {tuple(n.lora_a.shape)}, B {tuple(n.lora_b.shape)}, in_ndim={n.in_ndim}; "
                 f"adapter {nodes[0][0]} has A {tuple(ref.lora_a.shape)}, B {tuple(ref.lora_b.shape)}, "
                 f"in_ndim={ref.in_ndim}: they do not adapt the same weight"
@@ -167,7 +167,7 @@ def pad_rank(node: _lora.LoraWeight, rank: int) -> _lora.LoraWeight:
     """Return ``node`` with A and B zero-padded to ``rank`` (the update is unchanged).
 
     Raises:
-      ValueError: ``rank`` is smaller than the node's rank.
+      LoraError: ``rank`` is smaller than the node's rank.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -177,7 +177,7 @@ def pad_rank(node: _lora.LoraWeight, rank: int) -> _lora.LoraWeight:
     """
     extra = rank - node.rank
     if extra < 0:
-        raise ValueError(f"pad_rank: cannot pad a rank-{node.rank} adapter down to rank {rank}")
+        raise LoraError(f"pad_rank: cannot pad a rank-{node.rank} adapter down to rank {rank}")
     a = jnp.pad(node.lora_a, ((0, 0), (0, extra)))
     b = jnp.pad(node.lora_b, ((0, extra), (0, 0)))
     return dataclasses.replace(node, lora_a=a, lora_b=b)
@@ -200,7 +200,7 @@ def align(adapters: Sequence[PyTree], *, rank: int | None = None) -> list[PyTree
       The trees, in order, with identical structure, shapes and static fields.
 
     Raises:
-      ValueError: the trees are on different bases, adapt a weight with
+      LoraError: the trees are on different bases, adapt a weight with
         different shapes, or ``rank`` is below an adapter's rank.
 
     Examples:
@@ -217,7 +217,7 @@ def align(adapters: Sequence[PyTree], *, rank: int | None = None) -> list[PyTree
     top = max((n.rank for nodes in columns.values() for _, n in nodes), default=0)
     rank = top if rank is None else rank
     if rank < top:
-        raise ValueError(f"align: rank={rank} is below the largest adapter rank {top}")
+        raise LoraError(f"align: rank={rank} is below the largest adapter rank {top}")
     out = []
     for flat in flats:
         leaves = []
@@ -251,7 +251,7 @@ def combine(adapters: Sequence[PyTree], weights: Sequence[float] | jax.Array) ->
       The combined params.
 
     Raises:
-      ValueError: the numbers of adapters and weights differ, or the trees are
+      LoraError: the numbers of adapters and weights differ, or the trees are
         on different bases.
 
     Examples:
@@ -266,7 +266,7 @@ def combine(adapters: Sequence[PyTree], weights: Sequence[float] | jax.Array) ->
     """
     n = len(adapters)
     if len(weights) != n:
-        raise ValueError(f"combine: {n} adapters but {len(weights)} weights; give one weight per adapter")
+        raise LoraError(f"combine: {n} adapters but {len(weights)} weights; give one weight per adapter")
     flats, treedef = _flat(adapters)
     leaves = []
     for j, (_, x) in enumerate(flats[0]):
@@ -304,7 +304,7 @@ def combine_adapters(
       adapter, with its scale folded into A.
 
     Raises:
-      ValueError: no specs.
+      LoraError: no specs.
 
     Examples:
       >>> import tempfile, jax, jax.numpy as jnp
@@ -315,7 +315,7 @@ def combine_adapters(
       4
     """
     if not specs:
-        raise ValueError("combine_adapters: give at least one adapter folder, e.g. [('runs/a/adapter', 1.0)]")
+        raise LoraError("combine_adapters: give at least one adapter folder, e.g. [('runs/a/adapter', 1.0)]")
     pairs = [parse_adapter_spec(s) if isinstance(s, str) else (s[0], float(s[1])) for s in specs]
     trees = [load(folder, base_params, model_kind=model_kind) for folder, _ in pairs]
     return combine(trees, [w for _, w in pairs])

@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         process_settings()
     try:
         return args.fn(args)
-    except (LoraJaxError, ValueError, OSError, ModuleNotFoundError) as e:
+    except (LoraJaxError, OSError, ModuleNotFoundError) as e:
         # Input errors (configs, files, missing extras): one clear paragraph, no traceback.
         print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from flax import nnx
 
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
+from lora_jax.errors import LoraError
 
 PyTree = Any
 
@@ -99,30 +100,30 @@ def _einsum_plan(spec: str, where: str) -> _EinsumPlan:
     ins, out = spec.split("->")
     lhs, rhs = ins.split(",")
     if "." in rhs:
-        raise ValueError(f"{where}: einsum {spec!r} has an ellipsis in the kernel operand; LoRA needs named axes")
+        raise LoraError(f"{where}: einsum {spec!r} has an ellipsis in the kernel operand; LoRA needs named axes")
     for operand in (lhs.replace("...", ""), rhs):
         if len(set(operand)) != len(operand):
-            raise ValueError(
+            raise LoraError(
                 f"{where}: einsum {spec!r} repeats a letter within an operand (a trace or diagonal); "
                 "LoRA supports einsums where each operand names each axis once"
             )
     contracted = "".join(c for c in rhs if c not in out)
     k = len(contracted)
     if any(c not in lhs for c in contracted):
-        raise ValueError(
+        raise LoraError(
             f"{where}: einsum {spec!r} sums kernel axis(es) {[c for c in contracted if c not in lhs]} that the "
             "input does not have; LoRA supports kernels whose axes are either contracted with the input or "
             "kept in the output"
         )
     if rhs[:k] != contracted:
-        raise ValueError(
+        raise LoraError(
             f"{where}: einsum {spec!r} contracts kernel axes {list(contracted)}, which must be the kernel's "
             f"leading axes (kernel axes are {list(rhs)}); LoRA folds the leading in_ndim axes into d_in. "
             "Reorder the kernel axes in the model, or adapt another layer."
         )
     shared = [c for c in rhs[k:] if c in lhs]
     if shared:
-        raise ValueError(
+        raise LoraError(
             f"{where}: einsum {spec!r} keeps kernel axis(es) {shared} that also index the input (a separate "
             "weight per slice, not one linear map); LoRA supports kernels (*in_axes, *out_axes) only"
         )
@@ -148,7 +149,7 @@ def _linen_delta(path: str, node: _lora.LoraWeight, mod: nn.Module, x: jax.Array
         return jnp.einsum(plan.finish, _lowrank(node, x, plan.axes(x.ndim)))
     if isinstance(mod, nn.DenseGeneral):
         if mod.batch_dims:
-            raise ValueError(
+            raise LoraError(
                 f"{path}: nn.DenseGeneral with batch_dims={mod.batch_dims} holds a separate weight per batch "
                 "index; LoRA supports DenseGeneral without batch_dims only. Remove the LoRA rule for this path."
             )
@@ -179,7 +180,7 @@ def _linen_interceptor(adapters: Mapping[str, tuple[str, _lora.LoraWeight]]):
         y = next_fun(*args, **kwargs)
         kernel = mod.get_variable("params", "kernel")
         if tuple(kernel.shape) != node.shape:
-            raise ValueError(
+            raise LoraError(
                 f"{path}: the layer sees a kernel of shape {tuple(kernel.shape)} but the LoRA weight there has "
                 f"shape {node.shape}; lifted transforms that stack parameters (nn.scan, nn.vmap) are not "
                 "supported by linen_apply"
@@ -227,7 +228,7 @@ def linen_apply(
       What ``model.apply`` returns.
 
     Raises:
-      ValueError: ``variables`` has no ``params``; a layer contracts a number
+      LoraError: ``variables`` has no ``params``; a layer contracts a number
         of axes other than its LoRA weight's ``in_ndim``; a ``DenseGeneral``
         has ``batch_dims``; an einsum does not contract its kernel's leading
         axes; a lifted transform stacks the adapted kernel.
@@ -245,7 +246,7 @@ def linen_apply(
     """
     if not isinstance(variables, Mapping) or "params" not in variables:
         keys = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
-        raise ValueError(
+        raise LoraError(
             f"linen_apply takes variables as model.apply does, with a 'params' collection; got {keys}. "
             "Call it as linen_apply(model, {'params': params}, x)."
         )
@@ -276,7 +277,7 @@ def _nnx_contracted(layer: nnx.Module, where: str) -> int:
         return _einsum_plan(layer.einsum_str, where).k
     if isinstance(layer, nnx.LinearGeneral):
         if layer.batch_axis:
-            raise ValueError(
+            raise LoraError(
                 f"{where}: nnx.LinearGeneral with batch_axis={dict(layer.batch_axis)} holds a separate weight per "
                 "batch index; LoRA supports LinearGeneral without batch_axis only. Narrow the rule pattern."
             )
@@ -403,7 +404,7 @@ def nnx_lora(model: nnx.Module, rules: Sequence[_lora.LoraRule], *, rngs: nnx.Rn
       ``nnx.grad(..., argnums=nnx.DiffState(0, LoraParam))``.
 
     Raises:
-      ValueError: a rule matches no layer, matches an adapted layer, disagrees
+      LoraError: a rule matches no layer, matches an adapted layer, disagrees
         on ``in_dims``; a rank is too large; an einsum does not contract its
         kernel's leading axes; a ``LinearGeneral`` has ``batch_axis``.
       TypeError: a targeted layer sits in a tuple (cannot be replaced).
@@ -439,7 +440,7 @@ def nnx_lora(model: nnx.Module, rules: Sequence[_lora.LoraRule], *, rngs: nnx.Rn
         if rule is None:
             continue
         if isinstance(layer, LoraLayer):
-            raise ValueError(f"{rule!r} matched {kpath!r}, whose layer already has a LoRA adapter")
+            raise LoraError(f"{rule!r} matched {kpath!r}, whose layer already has a LoRA adapter")
         k = _nnx_contracted(layer, kpath)
         if rule.in_dims not in (1, k):
             raise _in_dims_error(

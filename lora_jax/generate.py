@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import GenerateError
 from lora_jax.models import llama as _llama
 
 PyTree = Any
@@ -75,18 +76,18 @@ def left_pad(
     if isinstance(prompts, np.ndarray | jax.Array) or attention_mask is not None:
         toks = np.asarray(prompts)
         if toks.ndim != 2:
-            raise ValueError(f"prompts as an array must be (batch, length), got shape {toks.shape}")
+            raise GenerateError(f"prompts as an array must be (batch, length), got shape {toks.shape}")
         mask = np.ones(toks.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
         if mask.shape != toks.shape:
-            raise ValueError(f"attention_mask shape {mask.shape} differs from the prompts' shape {toks.shape}")
+            raise GenerateError(f"attention_mask shape {mask.shape} differs from the prompts' shape {toks.shape}")
         rows = [r[m].tolist() for r, m in zip(toks, mask, strict=True)]
     else:
         rows = [list(map(int, r)) for r in prompts]
     if not rows:
-        raise ValueError("no prompts given")
+        raise GenerateError("no prompts given")
     empty = [i for i, r in enumerate(rows) if not r]
     if empty:
-        raise ValueError(f"prompts {empty} have no tokens; every prompt needs at least one (e.g. the bos id)")
+        raise GenerateError(f"prompts {empty} have no tokens; every prompt needs at least one (e.g. the bos id)")
     width = max(len(r) for r in rows)
     width = -(-width // bucket) * bucket
     tokens = np.full((len(rows), width), pad_id, np.int32)
@@ -195,18 +196,18 @@ def generate(
       ((2, 5), [5, 5])
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
+        raise GenerateError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not temperature >= 0:  # NaN too
+        raise GenerateError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise GenerateError(f"top_p must be in (0, 1], got {top_p!r}")
     mode = "greedy" if temperature == 0 else ("sample" if top_p >= 1.0 else "top_p")
     if mode != "greedy" and key is None:
-        raise ValueError("sampling (temperature > 0) needs a PRNG key: generate(..., key=jax.random.key(0))")
+        raise GenerateError("sampling (temperature > 0) needs a PRNG key: generate(..., key=jax.random.key(0))")
     stops = (stop_ids,) if isinstance(stop_ids, int) else tuple(int(s) for s in stop_ids)
     tokens, mask = left_pad(prompts, attention_mask, pad_id=pad_id, bucket=bucket)
     if tokens.shape[1] + max_new_tokens > config.max_seq_len:
-        raise ValueError(
+        raise GenerateError(
             f"prompt width {tokens.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
             f"max_seq_len={config.max_seq_len}"
         )

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import DataError
 from lora_jax.models import layers as _layers
 from lora_jax.models import llama as _llama
 
@@ -54,9 +55,9 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
       [(0, 4, 0), (3, 7, 4), (6, 10, 7)]
     """
     if window < 2:
-        raise ValueError(f"window must be >= 2, got {window}")
+        raise DataError(f"window must be >= 2, got {window}")
     if not 1 <= stride <= window:
-        raise ValueError(f"stride must be in 1..window={window}, got {stride}")
+        raise DataError(f"stride must be in 1..window={window}, got {stride}")
     out, prev_end = [], 0
     for begin in range(0, n, stride):
         end = min(begin + window, n)
@@ -111,7 +112,7 @@ def perplexity(
     """
     ids = np.asarray(token_ids, np.int32).reshape(-1)
     if ids.size < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens, got {ids.size}")
+        raise DataError(f"perplexity needs at least 2 tokens, got {ids.size}")
     spans = windows(ids.size, window, stride)
     width = min(window, ids.size)
     tokens = np.full((len(spans), width), pad_id, np.int32)

@@ -19,6 +19,7 @@ import jax
 import optax
 
 from lora_jax import paths as _paths
+from lora_jax.errors import LoraError
 
 PyTree = Any
 
@@ -85,7 +86,7 @@ def lora_plus(
       >>> tx = lora_plus(optax.adamw, 1e-4, ratio=16, weight_decay=0.0)
     """
     if not ratio > 0:
-        raise ValueError(f"lora_plus: ratio must be > 0, got {ratio!r}")
+        raise LoraError(f"lora_plus: ratio must be > 0, got {ratio!r}")
     if callable(learning_rate):
         lr_b = lambda step: ratio * learning_rate(step)  # noqa: E731
     else:

@@ -20,6 +20,7 @@ import optax
 from lora_jax import hostmem as _hostmem
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
+from lora_jax.errors import LoraError
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], tuple[jax.Array, dict]]
@@ -48,11 +49,11 @@ def init_state(
     """Split ``params`` and initialise the optimizer on the trainable half.
 
     Raises:
-      ValueError: the filter selects no leaf (e.g. no LoRA weight in the tree).
+      LoraError: the filter selects no leaf (e.g. no LoRA weight in the tree).
     """
     t, f = _paths.split(params, trainable)
     if not jax.tree.leaves(t):
-        raise ValueError(
+        raise LoraError(
             "no trainable leaf: the params hold no LoRA weight. Call lora_jax.lora.init(key, params, rules) "
             "first, or pass trainable=lora_jax.paths.everything for full fine-tuning."
         )

@@ -72,7 +72,7 @@ def test_mean_pool_and_normalize(params):
 def test_exact_gelu():
     x = jnp.linspace(-4.0, 4.0, 9)
     want = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in np.asarray(x)])
-    np.testing.assert_allclose(np.asarray(bert._ACTIVATIONS["gelu"](x)), want, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bert.ACTIVATIONS["gelu"](x)), want, atol=1e-6)
 
 
 def test_jit_agrees_with_eager(params):

@@ -250,7 +250,7 @@ def _tiny_bert_dir(d: Path, drop: str | None = None, extra: dict | None = None, 
     hf = {**TINY_BERT, **config}
     (d / "config.json").write_text(json.dumps(hf))
     rng = np.random.default_rng(0)
-    entries = load_hf._bert_entries(load_hf.bert_config(TINY_BERT), TINY_BERT)
+    entries = load_hf.bert_entries(load_hf.bert_config(TINY_BERT), TINY_BERT)
     tensors = {name: rng.normal(size=shape).astype(np.float32) for name, _, shape, _ in entries if name != drop}
     tensors["embeddings.position_ids"] = np.arange(10)[None]
     tensors.update(extra or {})

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from lora_jax.errors import DataError
+
 Batch = dict[str, np.ndarray]
 
 
@@ -41,18 +43,18 @@ def pad_examples(examples: Sequence[Sequence[np.ndarray]], max_len: int, *, pad_
     """
     n = len(examples)
     if n == 0:
-        raise ValueError("no examples to pad")
+        raise DataError("no examples to pad")
     tokens = np.full((n, max_len), pad_id, np.int32)
     loss = np.zeros((n, max_len), np.float32)
     attn = np.zeros((n, max_len), np.int32)
     for i, ex in enumerate(examples):
         ids, mask = np.asarray(ex[0]), np.asarray(ex[1])
         if len(ids) == 0 or len(ids) > max_len:
-            raise ValueError(f"example {i} has {len(ids)} tokens; every example needs 1..max_len={max_len}")
+            raise DataError(f"example {i} has {len(ids)} tokens; every example needs 1..max_len={max_len}")
         if mask.shape != ids.shape:
-            raise ValueError(f"example {i}: loss_mask has shape {mask.shape} but ids {ids.shape}")
+            raise DataError(f"example {i}: loss_mask has shape {mask.shape} but ids {ids.shape}")
         if mask[0]:
-            raise ValueError(f"example {i}: loss_mask[0] is set, but position 0 cannot be a target")
+            raise DataError(f"example {i}: loss_mask[0] is set, but position 0 cannot be a target")
         tokens[i, : len(ids)] = ids
         loss[i, : len(ids)] = mask
         attn[i, : len(ids)] = 1
@@ -62,7 +64,7 @@ def pad_examples(examples: Sequence[Sequence[np.ndarray]], max_len: int, *, pad_
 def _check(data: Mapping[str, np.ndarray], batch_size: int) -> int:
     n = len(data["tokens"])
     if not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be in 1..{n} (the number of examples), got {batch_size}")
+        raise DataError(f"batch_size must be in 1..{n} (the number of examples), got {batch_size}")
     return n
 
 
@@ -74,7 +76,7 @@ def position(step: int, n: int, batch_size: int) -> tuple[int, int]:
       (2, 1)
     """
     if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+        raise DataError(f"step must be >= 0, got {step}")
     return divmod(step, n // batch_size)
 
 
@@ -127,7 +129,7 @@ def eval_batches(data: Mapping[str, np.ndarray], batch_size: int) -> Iterator[Ba
     """
     n = _check(data, 1)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, n, batch_size):
         batch = {k: v[start : start + batch_size] for k, v in data.items()}
         short = batch_size - len(batch["tokens"])

@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lora_jax.errors import DataError
+
 Messages = Sequence[Mapping[str, str]]
 ChatFormat = Callable[[Messages], str]
 
@@ -97,7 +99,7 @@ def as_encoder(tokenizer: Any, *, end_id: int | str | None = None) -> Encoder:
         encode, default_end = tokenizer.encode, None
     end = _token_id(tokenizer, end_id) if end_id is not None else default_end
     if end is None:
-        raise ValueError(
+        raise DataError(
             f"cannot tell which token ends a completion for {type(tokenizer).__name__} "
             f"(none of {END_TOKENS} found); pass end_id=<id or token>"
         )
@@ -109,7 +111,7 @@ def _token_id(tokenizer: Any, token: int | str) -> int:
         return token
     i = tokenizer.token_to_id(token) if hasattr(tokenizer, "token_to_id") else None
     if i is None:
-        raise ValueError(f"end_id={token!r} is not a token of the tokenizer; pass its integer id")
+        raise DataError(f"end_id={token!r} is not a token of the tokenizer; pass its integer id")
     return int(i)
 
 
@@ -189,7 +191,7 @@ def encode_turn(
     format_chat = format_chat or plain_chat
     prompt = format_chat([{"role": "user", "content": head + _BODY + tail}])
     if prompt.count(_BODY) != 1:
-        raise ValueError(
+        raise DataError(
             "format_chat must copy each message's content verbatim into the prompt; "
             f"it returned {prompt[:200]!r} for a message holding a marker"
         )
@@ -199,12 +201,12 @@ def encode_turn(
     target = list(encoder.encode(completion)) + [encoder.end_id]
     room = max_len - len(before_ids) - len(after_ids) - len(target)
     if room < min(1, len(body_ids)):
-        raise ValueError(
+        raise DataError(
             f"max_len={max_len} is too small: the prompt template takes {len(before_ids) + len(after_ids)} tokens "
             f"and the completion {len(target)}, leaving {room} for the text; raise max_len"
         )
     if not before_ids and not body_ids[:room] and not after_ids:
-        raise ValueError("the prompt is empty: the first completion token would have nothing to be predicted from")
+        raise DataError("the prompt is empty: the first completion token would have nothing to be predicted from")
     truncated = len(body_ids) > room
     prompt_ids = before_ids + body_ids[:room] + after_ids
     return _make([(prompt_ids, 0), (target, 1)], len(prompt_ids), truncated)
@@ -240,13 +242,13 @@ def encode_chat(
     format_chat = format_chat or plain_chat
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns or turns[0] == 0:
-        raise ValueError("a conversation needs an assistant turn after at least one other message")
+        raise DataError("a conversation needs an assistant turn after at least one other message")
     pieces: list[tuple[list[int], int]] = [([encoder.bos_id] if encoder.bos_id is not None else [], 0)]
     done, prompt_len = "", 0
     for k, i in enumerate(turns):
         prompt = format_chat(messages[:i])
         if not prompt.startswith(done):
-            raise ValueError(
+            raise DataError(
                 f"format_chat is not prefix-consistent: the prompt before assistant turn {i} does not start "
                 f"with the conversation so far ({done[-80:]!r})"
             )
@@ -262,7 +264,7 @@ def encode_chat(
     ex = _make(pieces, prompt_len, False)
     if len(ex.ids) > max_len:
         if prompt_len >= max_len:
-            raise ValueError(
+            raise DataError(
                 f"max_len={max_len} is too small: the first assistant turn starts at token {prompt_len}; raise max_len"
             )
         ex = Tokenized(ex.ids[:max_len], ex.loss_mask[:max_len], prompt_len, True)
@@ -290,7 +292,7 @@ def pack_windows(documents: Sequence[Sequence[int]], window: int, encoder: Encod
       [[1, 2, 3, 0], [0, 4, 5, 0]]
     """
     if window < 2:
-        raise ValueError(f"window must be >= 2 tokens, got {window}")
+        raise DataError(f"window must be >= 2 tokens, got {window}")
     bos = [encoder.bos_id] if encoder.bos_id is not None else []
     stream = np.fromiter((i for d in documents for i in (*bos, *d, encoder.end_id)), np.int32)
     out = []

@@ -11,6 +11,8 @@ import functools
 import re
 from collections.abc import Sequence
 
+from lora_jax.errors import DataError
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
@@ -52,9 +54,9 @@ def score_summaries(predictions: Sequence[str], references: Sequence[str]) -> di
     if isinstance(predictions, str) or isinstance(references, str):
         raise TypeError("predictions and references must be sequences of strings, not a single string")
     if len(predictions) != len(references):
-        raise ValueError(f"got {len(predictions)} predictions for {len(references)} references")
+        raise DataError(f"got {len(predictions)} predictions for {len(references)} references")
     if not references:
-        raise ValueError("nothing to score: no predictions and references")
+        raise DataError("nothing to score: no predictions and references")
     scorer = _scorer()
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     exact = 0

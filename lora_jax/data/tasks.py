@@ -36,13 +36,14 @@ from typing import Any, NamedTuple
 
 from lora_jax.data import code_summaries, encoding, files, scoring
 from lora_jax.data.encoding import ChatFormat, Tokenized
+from lora_jax.errors import DataError
 
 INSTRUCTION = "Summarize this Python function in one line:"
 
 
 def _check_split(task, split: str) -> None:
     if split not in task.splits():
-        raise ValueError(f"task {task.name!r} has splits {list(task.splits())}, got {split!r}")
+        raise DataError(f"task {task.name!r} has splits {list(task.splits())}, got {split!r}")
 
 
 def _tokenize_all(task, split, tokenizer, format_chat, max_len) -> list[Tokenized]:
@@ -186,7 +187,7 @@ def _files_hash(paths: dict[str, Path]) -> str:
 def _split_files(name: str, train, val, test) -> dict[str, Path]:
     paths = {s: Path(p) for s, p in (("train", train), ("val", val), ("test", test)) if p is not None}
     if not paths:
-        raise ValueError(f"task {name!r} needs at least one file: get_task({name!r}, train=..., val=..., test=...)")
+        raise DataError(f"task {name!r} needs at least one file: get_task({name!r}, train=..., val=..., test=...)")
     return paths
 
 
@@ -237,7 +238,7 @@ class ChatFiles:
                 )
             return encoding.encode_chat(enc, msgs, max_len=max_len, format_chat=format_chat)
         except ValueError as e:
-            raise ValueError(f"{example.origin}: {e}") from None
+            raise DataError(f"{example.origin}: {e}") from None
 
     def tokenize_split(self, split, tokenizer, format_chat: ChatFormat | None = None, max_len: int = 512):
         return _tokenize_all(self, split, tokenizer, format_chat, max_len)
@@ -285,10 +286,10 @@ def get_task(name: str, **options: Any):
       ((256,), 255)
     """
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        raise DataError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
     factory = TASKS[name]
     accepted = set(inspect.signature(factory).parameters)
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"task {name!r} takes options {sorted(accepted)}; unknown: {unknown}")
+        raise DataError(f"task {name!r} takes options {sorted(accepted)}; unknown: {unknown}")
     return factory(**options)

@@ -23,7 +23,7 @@ import numpy as np
 
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
-from lora_jax.errors import BaseMismatchError, CheckpointError
+from lora_jax.errors import BaseMismatchError, CheckpointError, LoraError
 from lora_jax.io import hashing as _hashing
 from lora_jax.io import peft as _peft
 from lora_jax.io.factors import base_leaves, check_factors, no_such_path
@@ -88,7 +88,7 @@ def save_adapter(
       The folder.
 
     Raises:
-      ValueError: ``params`` holds no LoRA weight, or ``rules`` disagree with
+      LoraError: ``params`` holds no LoRA weight, or ``rules`` disagree with
         a weight's scale.
 
     Examples:
@@ -104,7 +104,7 @@ def save_adapter(
     """
     nodes = _lora.nodes(params)
     if not nodes:
-        raise ValueError("save_adapter: params hold no LoRA weight; call lora_jax.lora.init(key, params, rules) first")
+        raise LoraError("save_adapter: params hold no LoRA weight; call lora_jax.lora.init(key, params, rules) first")
     assigned = _paths.assign_rules(params, list(rules), is_leaf=_lora.is_node, what="LoRA rule") if rules else {}
     tensors: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
@@ -113,7 +113,7 @@ def save_adapter(
         rule = assigned.get(path)
         if rule is not None:
             if not math.isclose(rule.scale, n.scale, rel_tol=1e-12):
-                raise ValueError(f"save_adapter: {rule!r} gives scale {rule.scale:g} but {path!r} has {n.scale:g}")
+                raise LoraError(f"save_adapter: {rule!r} gives scale {rule.scale:g} but {path!r} has {n.scale:g}")
             alpha, rslora = float(rule.rank if rule.alpha is None else rule.alpha), rule.rslora
         else:
             alpha, rslora = float(n.scale) * n.rank, False

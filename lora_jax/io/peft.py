@@ -63,7 +63,7 @@ def _kind(model_kind: str | None, params: PyTree) -> str:
     if model_kind is None:
         return "bert" if isinstance(params, dict) and "pos_embed" in params else "llama"
     if model_kind not in MODEL_KINDS:
-        raise ValueError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}")
+        raise CheckpointError(f"model_kind must be one of {MODEL_KINDS}, got {model_kind!r}")
     return model_kind
 
 
@@ -145,7 +145,7 @@ def export_peft(
       The folder.
 
     Raises:
-      ValueError: no LoRA weight, or one PEFT cannot express (an embedding, a
+      CheckpointError: no LoRA weight, or one PEFT cannot express (an embedding, a
         kernel with several input axes, a path with no Hugging Face module).
 
     Examples:
@@ -162,19 +162,19 @@ def export_peft(
     model_kind = _kind(model_kind, params)
     nodes = _lora.nodes(params)
     if not nodes:
-        raise ValueError("export_peft: params hold no LoRA weight")
+        raise CheckpointError("export_peft: params hold no LoRA weight")
     modules = {}
     for path, n in nodes:
         name = hf_module_name(path, model_kind)
         if name is None:
             hint = " (PEFT's embedding LoRA is not exported)" if path in ("embed", "pos_embed", "type_embed") else ""
-            raise ValueError(
+            raise CheckpointError(
                 f"export_peft: LoRA weight {path!r} has no {model_kind} module in PEFT's naming{hint}; "
                 f"supported: layers/<i>/({'|'.join(_HF_ROLES[model_kind])})/kernel"
                 + (", lm_head" if _HF_TOP[model_kind] else "")
             )
         if n.in_ndim != 1 or len(n.lora_a.shape) != 2:
-            raise ValueError(f"export_peft: {path!r} has in_ndim={n.in_ndim}; PEFT Linear layers need in_ndim=1")
+            raise CheckpointError(f"export_peft: {path!r} has in_ndim={n.in_ndim}; PEFT Linear layers need in_ndim=1")
         modules[name] = n
     if rslora is None:
         fractional = all(not isinstance(_number(n.scale * n.rank), int) for n in modules.values())

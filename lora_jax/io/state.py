@@ -60,7 +60,7 @@ def checkpoint_manager(directory: PathLike, *, max_to_keep: int = 3, async_save:
       An ``orbax.checkpoint.CheckpointManager``.
 
     Raises:
-      ValueError: ``max_to_keep`` is not a positive int.
+      CheckpointError: ``max_to_keep`` is not a positive int.
       NotADirectoryError: ``directory`` is a file.
 
     Examples:
@@ -71,7 +71,7 @@ def checkpoint_manager(directory: PathLike, *, max_to_keep: int = 3, async_save:
       >>> m.close()
     """
     if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
-        raise ValueError(f"max_to_keep must be a positive int, got {max_to_keep!r}")
+        raise CheckpointError(f"max_to_keep must be a positive int, got {max_to_keep!r}")
     directory = Path(directory).absolute()
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory}: expected a checkpoint folder, got a file")
@@ -120,7 +120,7 @@ def _state_leaves(state: TrainState) -> tuple[list[tuple[str, Any]], Any]:
     seen: set[str] = set()
     for path, _ in leaves:
         if path in seen:
-            raise ValueError(f"two leaves of the train state share the path {path!r}; rename a key")
+            raise CheckpointError(f"two leaves of the train state share the path {path!r}; rename a key")
         seen.add(path)
     return leaves, treedef
 

@@ -34,11 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ConfigError
 from lora_jax.models import layers as _layers
 
 PyTree = Any
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -65,11 +66,11 @@ class BertConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_positions", "type_vocab_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"BertConfig.{name} must be a positive int, got {v!r}")
+                raise ConfigError(f"BertConfig.{name} must be a positive int, got {v!r}")
         if self.dim % self.n_heads:
-            raise ValueError(f"BertConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}")
-        if self.act not in _ACTIVATIONS:
-            raise ValueError(f"BertConfig.act={self.act!r} is not supported; choose one of {sorted(_ACTIVATIONS)}")
+            raise ConfigError(f"BertConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.act not in ACTIVATIONS:
+            raise ConfigError(f"BertConfig.act={self.act!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
 
     @property
     def head_dim(self) -> int:
@@ -147,7 +148,7 @@ def attention(p: PyTree, x_BTD: jax.Array, mask_BS: jax.Array, c: BertConfig) ->
 
 
 def mlp(p: PyTree, x_BTD: jax.Array, c: BertConfig) -> jax.Array:
-    return _layers.linear(_ACTIVATIONS[c.act](_layers.linear(x_BTD, p["up_proj"])), p["down_proj"])
+    return _layers.linear(ACTIVATIONS[c.act](_layers.linear(x_BTD, p["up_proj"])), p["down_proj"])
 
 
 def apply(
@@ -179,7 +180,7 @@ def apply(
     c = config
     B, T = input_ids_BT.shape
     if T > c.max_positions:
-        raise ValueError(f"sequence length {T} exceeds BertConfig.max_positions={c.max_positions}; truncate the input")
+        raise ConfigError(f"sequence length {T} exceeds BertConfig.max_positions={c.max_positions}; truncate the input")
     if attention_mask_BT is None:
         attention_mask_BT = jnp.ones((B, T), jnp.int32)
     if token_type_ids_BT is None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
+from lora_jax.errors import CheckpointError
 from lora_jax.io.factors import strip_adapters
 from lora_jax.io.files import atomic_write, json_bytes
 from lora_jax.models import bert as _bert
@@ -37,7 +38,7 @@ def hf_config(params: PyTree, config: Any, dtype_name: str) -> tuple[dict, list]
 
     Raises:
       TypeError: an unknown config type.
-      ValueError: an o_proj bias without q/k/v biases (no Hugging Face model has it).
+      CheckpointError: an o_proj bias without q/k/v biases (no Hugging Face model has it).
     """
     if isinstance(config, _llama.LlamaConfig):
         c = config
@@ -67,9 +68,9 @@ def hf_config(params: PyTree, config: Any, dtype_name: str) -> tuple[dict, list]
             hf["use_sliding_window"] = False
         else:
             if c.qkv_bias != o_bias:
-                raise ValueError("export_merged_hf: an o_proj bias without q/k/v biases has no Hugging Face model")
+                raise CheckpointError("export_merged_hf: an o_proj bias without q/k/v biases has no Hugging Face model")
             hf.update(attention_bias=o_bias, mlp_bias=mlp_bias)
-        entries = [("model." + n, p, s, t) for n, p, s, t in _load_hf._llama_entries(c, hf)]
+        entries = [("model." + n, p, s, t) for n, p, s, t in _load_hf.llama_entries(c, hf)]
         if not c.tie_embeddings:
             entries.append(("lm_head.weight", ("lm_head",), (c.vocab_size, c.dim), True))
         return hf, entries
@@ -90,7 +91,7 @@ def hf_config(params: PyTree, config: Any, dtype_name: str) -> tuple[dict, list]
             "position_embedding_type": "absolute",
             "dtype": dtype_name,
         }
-        return hf, _load_hf._bert_entries(c, hf)
+        return hf, _load_hf.bert_entries(c, hf)
     raise TypeError(f"export_merged_hf: config must be a LlamaConfig or BertConfig, got {type(config).__name__}")
 
 
@@ -135,7 +136,7 @@ def export_merged_hf(
 
     Raises:
       TypeError: an unknown config type.
-      ValueError: the params do not fit the config (the first leaf is named).
+      CheckpointError: the params do not fit the config (the first leaf is named).
 
     Examples:
       >>> import json, tempfile, jax
@@ -157,7 +158,7 @@ def export_merged_hf(
             if not callable(getattr(q, "dequantize", None)):
                 continue
             if path not in original or _lora.is_node(original[path]):
-                raise ValueError(f"export_merged_hf: original_params has no float weight at {path!r}")
+                raise CheckpointError(f"export_merged_hf: original_params has no float weight at {path!r}")
             want = np.asarray(original[path], np.float32)
             if _lora.is_lora(leaf):
                 want = want + np.asarray(leaf.delta_weight(), np.float32)
@@ -173,17 +174,17 @@ def export_merged_hf(
         try:
             x = _at(merged, path)
         except (KeyError, IndexError, TypeError):
-            raise ValueError(
+            raise CheckpointError(
                 f"export_merged_hf: params have no {where!r}, which {type(config).__name__} needs"
             ) from None
         a = np.asarray(x.T if transpose else x).astype(dtype)
         if a.shape != tuple(shape):
-            raise ValueError(f"export_merged_hf: {where!r} has shape {np.shape(x)}; the config implies {shape}")
+            raise CheckpointError(f"export_merged_hf: {where!r} has shape {np.shape(x)}; the config implies {shape}")
         tensors[name] = a
         used.add(where)
     left = [p for p, _ in _paths.leaves_with_paths(merged) if p not in used]
     if left:
-        raise ValueError(f"export_merged_hf: params the config does not describe: {', '.join(left[:6])}")
+        raise CheckpointError(f"export_merged_hf: params the config does not describe: {', '.join(left[:6])}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.numpy import save

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import ConfigError
 from lora_jax.models import layers as _layers
 
 PyTree = Any
@@ -54,19 +55,19 @@ class LlamaConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {v!r}")
+                raise ConfigError(f"LlamaConfig.{name} must be a positive int, got {v!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"LlamaConfig: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
             )
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                raise ValueError(
+                raise ConfigError(
                     f"LlamaConfig: dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim"
                 )
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
+            raise ConfigError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
 
     @property
     def q_dim(self) -> int:

@@ -206,8 +206,8 @@ def bert_config(hf: dict, file: Path | str = "config.json") -> _bert.BertConfig:
     if kind != "absolute":
         raise CheckpointError(f"{file}: position_embedding_type={kind!r} is not supported (only 'absolute')")
     act = _get(hf, "hidden_act", file, "gelu")
-    if act not in _bert._ACTIVATIONS:
-        raise CheckpointError(f"{file}: hidden_act={act!r} is not supported; one of {sorted(_bert._ACTIVATIONS)}")
+    if act not in _bert.ACTIVATIONS:
+        raise CheckpointError(f"{file}: hidden_act={act!r} is not supported; one of {sorted(_bert.ACTIVATIONS)}")
     return _bert.BertConfig(
         vocab_size=_get(hf, "vocab_size", file),
         dim=_get(hf, "hidden_size", file),
@@ -227,7 +227,8 @@ def bert_config(hf: dict, file: Path | str = "config.json") -> _bert.BertConfig:
 Entry = tuple[str, tuple, tuple[int, ...], bool]
 
 
-def _llama_entries(c: _llama.LlamaConfig, hf: dict) -> list[Entry]:
+def llama_entries(c: _llama.LlamaConfig, hf: dict) -> list[Entry]:
+    """Where each Hugging Face Llama tensor goes in our tree (and how it is transformed)."""
     o_bias = hf.get("model_type") != "qwen2" and bool(hf.get("attention_bias", False))
     mlp_bias = bool(hf.get("mlp_bias", False))
     D, F = c.dim, c.ffn_dim
@@ -253,7 +254,8 @@ def _llama_entries(c: _llama.LlamaConfig, hf: dict) -> list[Entry]:
     return out
 
 
-def _bert_entries(c: _bert.BertConfig, hf: dict) -> list[Entry]:
+def bert_entries(c: _bert.BertConfig, hf: dict) -> list[Entry]:
+    """Where each Hugging Face BERT tensor goes in our tree (and how it is transformed)."""
     D, F = c.dim, c.ffn_dim
     out: list[Entry] = [
         ("embeddings.word_embeddings.weight", ("embed",), (c.vocab_size, D), False),
@@ -378,8 +380,8 @@ def load(
     hf = read_json(config_file, "config.json (the model's Hugging Face config)")
     model_type = hf.get("model_type")
     builders: dict[str, tuple[Callable, Callable, str, tuple[str, ...]]] = {
-        **{t: (llama_config, _llama_entries, "embed_tokens.weight", ("model.", "")) for t in LLAMA_TYPES},
-        "bert": (bert_config, _bert_entries, "embeddings.word_embeddings.weight", ("", "bert.")),
+        **{t: (llama_config, llama_entries, "embed_tokens.weight", ("model.", "")) for t in LLAMA_TYPES},
+        "bert": (bert_config, bert_entries, "embeddings.word_embeddings.weight", ("", "bert.")),
     }
     if model_type not in builders:
         raise CheckpointError(

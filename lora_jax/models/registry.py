@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lora_jax.errors import CheckpointError
+
 PyTree = Any
 
 
@@ -129,7 +131,7 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, Path]:
     if is_gguf or path.suffix == ".gguf":
         return "gguf", path
     if path.suffix == ".safetensors" or path.name == "config.json":
-        raise ValueError(
+        raise CheckpointError(
             f"{str(path)!r}: pass the Hugging Face model directory (with config.json, the safetensors "
             "weights and tokenizer.json), not one of its files"
         )

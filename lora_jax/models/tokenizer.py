@@ -24,6 +24,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from lora_jax.errors import CheckpointError, DataError
+
 # Token types of llama.cpp's vocabulary (``enum llama_token_type``).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -83,7 +85,7 @@ def chatml(
     parts = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise ValueError(f"chat message {i} must be a dict with 'role' and 'content', got {m!r}")
+            raise DataError(f"chat message {i} must be a dict with 'role' and 'content', got {m!r}")
         if i == 0 and m["role"] != "system" and default_system is not None:
             parts.append(f"{CHATML_START}system\n{default_system}{CHATML_END}\n")
         parts.append(f"{CHATML_START}{m['role']}\n{m['content']}{CHATML_END}\n")
@@ -201,7 +203,7 @@ class Tokenizer:
         if use_template:
             return self._render_template(messages, add_generation_prompt)
         if not self.is_chatml:
-            raise ValueError(
+            raise CheckpointError(
                 "this tokenizer has no <|im_start|>/<|im_end|> tokens, so the built-in ChatML formatter "
                 "does not fit it; pass use_template=True to render the model's own template (needs jinja2)"
             )
@@ -209,7 +211,7 @@ class Tokenizer:
 
     def _render_template(self, messages, add_generation_prompt: bool) -> str:
         if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template (no 'tokenizer.chat_template' metadata)")
+            raise CheckpointError("this tokenizer has no chat template (no 'tokenizer.chat_template' metadata)")
         try:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError as e:
@@ -253,16 +255,18 @@ def byte_level_bpe(
       [2, 2, 3, 0]
     """
     if pre not in PRE_TOKENIZERS:
-        raise ValueError(f"unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: {sorted(PRE_TOKENIZERS)}")
+        raise CheckpointError(
+            f"unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: {sorted(PRE_TOKENIZERS)}"
+        )
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
         dup = next(t for i, t in enumerate(tokens) if vocab[t] != i)
-        raise ValueError(f"the vocabulary lists token {dup!r} more than once")
+        raise CheckpointError(f"the vocabulary lists token {dup!r} more than once")
     pairs = []
     for m in merges:
         parts = m.split(" ")
         if len(parts) != 2:
-            raise ValueError(f"a BPE merge must be two tokens separated by one space, got {m!r}")
+            raise CheckpointError(f"a BPE merge must be two tokens separated by one space, got {m!r}")
         pairs.append((parts[0], parts[1]))
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
     digits, split = PRE_TOKENIZERS[pre]
@@ -276,7 +280,7 @@ def byte_level_bpe(
     backend.decoder = decoders.ByteLevel()
     if token_types is not None:
         if len(token_types) != len(tokens):
-            raise ValueError(f"{len(token_types)} token types for {len(tokens)} tokens")
+            raise CheckpointError(f"{len(token_types)} token types for {len(tokens)} tokens")
         special = [
             AddedToken(t, special=True, normalized=False)
             for t, ty in zip(tokens, token_types, strict=True)
@@ -296,18 +300,18 @@ def from_gguf_metadata(meta: Mapping[str, Any], *, source: str = "GGUF metadata"
       source: what to name in error messages (the file path).
 
     Raises:
-      ValueError: no tokenizer in the metadata, or one that is not GPT-2 byte-level BPE.
+      CheckpointError: no tokenizer in the metadata, or one that is not GPT-2 byte-level BPE.
     """
     kind = meta.get("tokenizer.ggml.model")
     if kind is None or "tokenizer.ggml.tokens" not in meta:
-        raise ValueError(f"{source}: no tokenizer in the metadata (tokenizer.ggml.model / tokens missing)")
+        raise CheckpointError(f"{source}: no tokenizer in the metadata (tokenizer.ggml.model / tokens missing)")
     if kind != "gpt2":
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: tokenizer.ggml.model is {kind!r}; lora-jax reads GPT-2 byte-level BPE ('gpt2') only "
             "(SentencePiece 'llama' vocabularies are not supported)"
         )
     if "tokenizer.ggml.merges" not in meta:
-        raise ValueError(f"{source}: a 'gpt2' tokenizer needs tokenizer.ggml.merges, which is missing")
+        raise CheckpointError(f"{source}: a 'gpt2' tokenizer needs tokenizer.ggml.merges, which is missing")
     pre = meta.get("tokenizer.ggml.pre", "default")
     try:
         backend = byte_level_bpe(
@@ -317,7 +321,7 @@ def from_gguf_metadata(meta: Mapping[str, Any], *, source: str = "GGUF metadata"
             pre=pre,
         )
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise CheckpointError(f"{source}: {e}") from None
 
     def opt_id(key):
         v = meta.get(key)

@@ -127,7 +127,7 @@ class QTensor:
         """Check the static fields and that every child has its expected shape and dtype.
 
         Raises:
-          ValueError: the message lists every child's shape next to the expected one.
+          QuantError: the message lists every child's shape next to the expected one.
         """
         if self.format not in FORMATS:
             raise QuantError(f"QTensor format must be one of {FORMATS}, got {self.format!r}")
@@ -340,7 +340,7 @@ def from_codes(
       The quantized weight.
 
     Raises:
-      ValueError: codes out of range (when concrete), shapes that disagree, or
+      QuantError: codes out of range (when concrete), shapes that disagree, or
         ``offsets`` given / missing for the wrong format.
 
     Examples:

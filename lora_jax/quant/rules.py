@@ -69,7 +69,7 @@ def quantize_weight(
       the finiteness check is skipped.
 
     Raises:
-      ValueError: not 2-D, not float, NaN/inf present, or a block size that does
+      QuantError: not 2-D, not float, NaN/inf present, or a block size that does
         not divide the blocked dimension.
 
     Examples:
@@ -139,7 +139,7 @@ def quantize(params: PyTree, rules: Sequence[QuantRule]) -> PyTree:
       The same tree with the matched weights quantized.
 
     Raises:
-      ValueError: a rule matches nothing, a matched leaf is not a finite 2-D
+      QuantError: a rule matches nothing, a matched leaf is not a finite 2-D
         float matrix, is already quantized or adapted, or its blocked dimension
         is not divisible by the block size (the message names the path and shape).
 
