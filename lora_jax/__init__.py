@@ -23,8 +23,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "adapters", "checkpoint", "cli", "config", "data", "errors", "flax_adapt", "generate", "hostmem", "lora",
-    "metrics", "models", "optim", "paths", "plan", "plots", "quant", "sweep", "train",
+    "adapters", "checkpoint", "cli", "config", "data", "errors", "flax_adapt", "generate", "hostmem", "io", "lora",
+    "metrics", "models", "optim", "paths", "plan", "plots", "quant", "runner", "sweep", "train",
 )
 _NAMES = {
     "LoraRule": "lora",

@@ -33,6 +33,8 @@ Keys:
   pipelined_over_blocked     median of the per-round ratios of the two
   lora_step_s_{blocked,pipelined}_system_malloc, pipelined_over_blocked_system_malloc
                              the same with the system allocator's defaults (LORA_JAX_MALLOC=system)
+  page_faults_per_step_{blocked,pipelined}[_system_malloc]
+                             minor page faults per step (median over rounds) in those children
   malloc_configured          whether the command's allocator settings were in effect
 
 The main process applies the command's process settings too (--malloc system: the system's).
@@ -44,6 +46,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -184,18 +187,24 @@ def loops_only(args) -> None:
     k = 4 if args.tiny else 5
     state, m = step(state, batch)  # compile
     float(m["loss"])
-    rounds = {"blocked": [], "pipelined": []}
+    rounds = {"blocked": [], "pipelined": [], "blocked_faults": [], "pipelined_faults": []}
+
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
     for _ in range(max(2, args.reps // 3) + 1):  # first round is warm-up
-        t0 = time.perf_counter()
+        f0, t0 = faults(), time.perf_counter()
         for _ in range(k):
             state, m = step(state, batch)
             float(m["loss"])
         rounds["blocked"].append((time.perf_counter() - t0) / k)
-        t0 = time.perf_counter()
+        rounds["blocked_faults"].append((faults() - f0) / k)
+        f0, t0 = faults(), time.perf_counter()
         for _ in range(k):
             state, m = step(state, batch)
         jax.block_until_ready((state, m))
         rounds["pipelined"].append((time.perf_counter() - t0) / k)
+        rounds["pipelined_faults"].append((faults() - f0) / k)
     print(json.dumps({**{k: v[1:] for k, v in rounds.items()}, "malloc_configured": hostmem.configured()}))
 
 
@@ -208,6 +217,8 @@ def loop_styles(args) -> dict:
         out[f"lora_step_s_pipelined{suffix}"] = round(statistics.median(r["pipelined"]), 4)
         ratio = statistics.median(p / b for p, b in zip(r["pipelined"], r["blocked"]))
         out[f"pipelined_over_blocked{suffix}"] = round(ratio, 4)
+        for style in ("blocked", "pipelined"):
+            out[f"page_faults_per_step_{style}{suffix}"] = round(statistics.median(r[f"{style}_faults"]))
         if malloc == "cli":
             out["malloc_configured"] = r["malloc_configured"]
     return out
