@@ -61,7 +61,8 @@ def test_bf16_rows_run(setup, weights, reference):
     assert abs(first - reference[0]) < 0.05  # bf16 weights and activations
 
 
-def test_peers_main_writes_json_and_table(tmp_path, capsys):
+def test_peers_main_writes_json_and_table(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(peers.hostmem.ENV, "system")  # this test process keeps its allocator
     md = tmp_path / "peers.md"
     res = peers.main(["--tiny", "--reps", "1", "--setups", "ours_lora", "peft_lora", "--markdown", str(md)])
     assert set(res["step_s"]) == {"ours_lora", "peft_lora"}

@@ -21,11 +21,12 @@ Timing: each group of setups below runs in one process, interleaved (A B C A B C
 ...), after a compiling call (reported as ``compile_s``, first step included)
 and one warm-up round; seconds are medians over ``--reps`` rounds and each
 ratio is the median of the per-round ratios of two setups of the same group.
-Every timing process imports lora_jax, so every setup, the peers' included,
-runs with its host allocator settings (:mod:`lora_jax.hostmem`; faster for
-PyTorch too). Peak RSS (``/proc/self/status`` VmHWM): each setup alone in a
+Every timing process applies the ``lora-jax`` command's process settings
+(:func:`lora_jax.cli.process_settings`: the host allocator of
+:mod:`lora_jax.hostmem`), so every setup, the peers' included, runs with
+them (faster for PyTorch too). Peak RSS (``/proc/self/status`` VmHWM): each setup alone in a
 fresh process, the peers' with the system allocator's defaults
-(``LORA_JAX_MALLOC=system``: they run without lora_jax, and retaining freed
+(``LORA_JAX_MALLOC=system``: they run without lora-jax, and retaining freed
 memory raises their RSS); measured are the whole process (imports, the shared numpy weights, the framework's copy of
 them, compilation, the first step) and the steady state (three steps, after
 freed memory is handed back to the OS). The RSS target compares the steady
@@ -53,7 +54,7 @@ sys.path.insert(0, str(HERE))
 
 from train_step import ALL_SEVEN, model_config  # noqa: E402  (the same shapes and targets)
 
-from lora_jax import hostmem  # noqa: E402
+from lora_jax import cli, hostmem  # noqa: E402
 
 SETUPS = (
     "ours_full", "ours_lora", "ours_qlora", "peft_lora", "peft_qlora", "qwix_lora", "qwix_qlora", "nnx_lora",
@@ -328,6 +329,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--group", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--rss-one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    cli.process_settings()  # before the first JAX or PyTorch computation; LORA_JAX_MALLOC=system keeps the system's
     if args.group:
         print(json.dumps(time_group(args.group, args)))
         return {}
@@ -347,7 +349,7 @@ def main(argv=None) -> dict:
         for s in SETUPS:
             if s in chosen and not s.endswith("_bf16"):
                 # A peer's memory is measured with the system allocator's defaults, as it
-                # runs without lora_jax (whose import keeps freed memory mapped, see hostmem).
+                # runs without lora-jax (whose command keeps freed memory mapped, see hostmem).
                 malloc = "lora_jax" if s.startswith("ours_") else "system"
                 print(f"[peers] peak RSS of {s} ({malloc} allocator settings)", file=sys.stderr, flush=True)
                 rss[s] = _child(["--rss-one", s], args, **({} if malloc == "lora_jax" else {hostmem.ENV: "system"}))

@@ -233,6 +233,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=10, help="interleaved repetitions after warm-up")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
     ap.add_argument("--no-loops", action="store_true", help="skip the loop-style child processes")
+    ap.add_argument("--only-loops", action="store_true", help="run only the loop-style child processes")
     ap.add_argument("--malloc", choices=["cli", "system"], default="cli",
                     help="host allocator: the lora-jax command's choice (default) or the system's")
     ap.add_argument("--rss-only", choices=["lora", "full", "qlora"], help=argparse.SUPPRESS)
@@ -246,6 +247,10 @@ def main(argv=None) -> dict:
     if args.loops_only:
         loops_only(args)
         return {}
+    if args.only_loops:
+        result = {"shape": "tiny" if args.tiny else "smollm2-135m", "reps": args.reps, **loop_styles(args)}
+        print(json.dumps(result, indent=1))
+        return result
 
     cfg = model_config(args.tiny)
     n_tok = args.batch * args.seq
