@@ -18,3 +18,11 @@ import pytest  # noqa: E402
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A tiny Hugging Face Llama folder loaded by us: ``(directory, params, config, tokenizer)``."""
+    from hf_models import load_hf_llama
+
+    return load_hf_llama(tmp_path_factory.mktemp("llama"))

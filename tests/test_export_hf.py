@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 
 import jax
@@ -14,26 +13,14 @@ from hf_models import (
     MIXED_RULES,
     TOKENS,
     hf_llama_folder,
-    load_hf_llama,
     rel,
     torch_logits,
     train_here,
 )
+from tiny_adapters import CFG, tiny_base
 
 from lora_jax import lora
 from lora_jax.models import export_hf, llama, load_hf
-
-CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
-
-
-@functools.cache
-def _base():
-    return llama.init(jax.random.key(0), CFG)
-
-
-@pytest.fixture(scope="module")
-def hf_llama(tmp_path_factory):
-    return load_hf_llama(tmp_path_factory.mktemp("llama"))
 
 
 def test_merged_export_loads_in_transformers(tmp_path, hf_llama):
@@ -115,7 +102,7 @@ def test_merged_export_with_biases(tmp_path, kind):
 
 
 def test_merged_export_errors(tmp_path):
-    params = _base()
+    params = tiny_base()
     with pytest.raises(TypeError, match="config must be a LlamaConfig or BertConfig, got dict"):
         export_hf.export_merged_hf(tmp_path, params, {"vocab_size": 3})
     broken = jax.tree.map(lambda x: x, params)

@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import functools
 import re
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
+from tiny_adapters import tiny_base, tiny_state
 
-from lora_jax import lora, optim, train
 from lora_jax.io import hashing
-from lora_jax.models import llama
-
-CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
-RULES = [lora.LoraRule(pattern=r"layers/\d+/attn/(q|v)_proj/kernel", rank=4, alpha=8, dropout=0.1)]
-
-
-
-@functools.cache
-def _base():
-    return llama.init(jax.random.key(0), CFG)
-
-
-
-def _state(seed: int = 0, rules=RULES, base=None, tx=None):
-    params = lora.init(jax.random.key(seed + 1), _base() if base is None else base, rules)
-    return train.init_state(params, tx or optim.masked(optax.adamw(1e-2)), jax.random.key(seed + 2))
 
 
 def test_base_hash_ignores_adapters_and_sees_every_byte():
-    base = _base()
+    base = tiny_base()
     h = hashing.base_hash(base)
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", h)
-    state = _state(base=base)
+    state = tiny_state(base=base)
     assert hashing.base_hash(state.frozen) == hashing.base_hash(state.params) == h
     assert hashing.base_hash(state.trainable) != h  # A and B are not the base
     changed = jax.tree.map(lambda x: x, base)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -15,30 +14,18 @@ from hf_models import (
     TOKENS,
     bert_hidden,
     hf_bert_folder,
-    load_hf_llama,
     load_torch,
     rel,
     torch_logits,
     train_here,
 )
 from safetensors.numpy import load_file, save_file
+from tiny_adapters import tiny_base
 
 from lora_jax import lora
 from lora_jax.errors import CheckpointError
 from lora_jax.io import peft as io_peft
 from lora_jax.models import bert, export_hf, llama, load_hf
-
-CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
-
-
-@functools.cache
-def _base():
-    return llama.init(jax.random.key(0), CFG)
-
-
-@pytest.fixture(scope="module")
-def hf_llama(tmp_path_factory):
-    return load_hf_llama(tmp_path_factory.mktemp("llama"))
 
 
 def test_export_peft_matches_peft_model(tmp_path, hf_llama):
@@ -167,7 +154,7 @@ def _peft_dir(d: Path, config: dict | None = None, tensors: dict | None = None) 
 
 
 def test_import_hand_written_peft(tmp_path):
-    params = _base()
+    params = tiny_base()
     adapted = io_peft.import_peft(_peft_dir(tmp_path / "p", {"use_rslora": True}), params, "llama")
     (path, node), = lora.nodes(adapted)  # fmt: skip
     assert path == "layers/0/attn/q_proj/kernel" and node.scale == pytest.approx(4 / np.sqrt(2))
@@ -201,11 +188,11 @@ def test_import_hand_written_peft(tmp_path):
 def test_import_peft_errors(tmp_path, config, tensors, match):
     d = _peft_dir(tmp_path / "p", config, tensors)
     with pytest.raises(CheckpointError, match=match):
-        io_peft.import_peft(d, _base(), "llama")
+        io_peft.import_peft(d, tiny_base(), "llama")
 
 
 def test_import_peft_file_errors(tmp_path):
-    params = _base()
+    params = tiny_base()
     with pytest.raises(FileNotFoundError, match="no such PEFT adapter folder"):
         io_peft.import_peft(tmp_path / "nope", params)
     d = _peft_dir(tmp_path / "p")
@@ -238,7 +225,7 @@ def test_import_peft_file_errors(tmp_path):
 
 
 def test_export_peft_errors(tmp_path):
-    params = _base()
+    params = tiny_base()
     with pytest.raises(ValueError, match="export_peft: params hold no LoRA weight"):
         io_peft.export_peft(tmp_path, params, base_model_name_or_path="x")
     emb = lora.init(jax.random.key(0), params, [lora.LoraRule(pattern="embed", rank=2)])

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny_adapters import CFG, tiny_state
 
 from lora_jax import lora, optim, train
 from lora_jax.errors import BaseMismatchError, CheckpointError
@@ -27,27 +28,12 @@ from lora_jax.io import hashing
 from lora_jax.io import state as ckpt
 from lora_jax.models import llama
 
-CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
-RULES = [lora.LoraRule(pattern=r"layers/\d+/attn/(q|v)_proj/kernel", rank=4, alpha=8, dropout=0.1)]
-
-
-
-@functools.cache
-def _base():
-    return llama.init(jax.random.key(0), CFG)
-
-
-
-def _state(seed: int = 0, rules=RULES, base=None, tx=None):
-    params = lora.init(jax.random.key(seed + 1), _base() if base is None else base, rules)
-    return train.init_state(params, tx or optim.masked(optax.adamw(1e-2)), jax.random.key(seed + 2))
-
 
 @functools.cache
 def _trained():
     """A state after two train steps, the (non-donating) step function and its batch."""
     tx = optim.masked(optax.adamw(1e-2))
-    state = _state(tx=tx)
+    state = tiny_state(tx=tx)
     step = train.make_train_step(functools.partial(llama.loss, config=CFG), tx, donate=False)
     batch = {"tokens": jax.random.randint(jax.random.key(7), (2, 8), 0, CFG.vocab_size)}
     for _ in range(2):
@@ -66,7 +52,7 @@ def _assert_trees_equal(a, b):
 def test_roundtrip_resumes_exactly(tmp_path):
     state, step, batch = _trained()
     ckpt.save_train_state(tmp_path, state, base_id="tiny-llama", extra={"epoch": 1, "batch": 42})
-    restored, extra = ckpt.restore_train_state(tmp_path, _state(seed=5), base_id="tiny-llama")
+    restored, extra = ckpt.restore_train_state(tmp_path, tiny_state(seed=5), base_id="tiny-llama")
     assert extra == {"epoch": 1, "batch": 42}
     assert int(restored.step) == 2 and jax.dtypes.issubdtype(restored.key.dtype, jax.dtypes.prng_key)
     _assert_trees_equal(
@@ -80,7 +66,7 @@ def test_roundtrip_resumes_exactly(tmp_path):
 
 
 def test_nothing_of_the_base_is_written(tmp_path):
-    state = _state(base=llama.init(jax.random.key(0), dataclasses.replace(CFG, vocab_size=4096)))  # 512 KiB embed
+    state = tiny_state(base=llama.init(jax.random.key(0), dataclasses.replace(CFG, vocab_size=4096)))  # 512 KiB embed
     ckpt.save_train_state(tmp_path, state, base_id="tiny")
     written = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
     trainable_bytes = sum(x.nbytes for x in jax.tree.leaves((state.trainable, state.opt_state)))
@@ -109,7 +95,7 @@ def test_qlora_bfloat16_state_and_donated_like_state(tmp_path):
 
 
 def test_raw_uint32_key_and_manager_keeps_last_n(tmp_path):
-    state = _state()._replace(key=jax.random.PRNGKey(3))
+    state = tiny_state()._replace(key=jax.random.PRNGKey(3))
     m = ckpt.checkpoint_manager(tmp_path, max_to_keep=2)
     for s in range(1, 5):
         ckpt.save_train_state(m, state._replace(step=jnp.asarray(s, jnp.int32)), base_id="b", extra={"s": s})
@@ -128,19 +114,19 @@ def test_async_manager(tmp_path):
     ckpt.save_train_state(m, state, base_id="b")
     m.wait_until_finished()
     m.close()
-    restored, _ = ckpt.restore_train_state(tmp_path, _state(), base_id="b")
+    restored, _ = ckpt.restore_train_state(tmp_path, tiny_state(), base_id="b")
     _assert_trees_equal(restored.trainable, state.trainable)
 
 
 def test_no_checkpoint_gives_none(tmp_path):
-    assert ckpt.restore_train_state(tmp_path / "missing", _state(), base_id="b") is None
-    assert ckpt.restore_train_state(tmp_path, _state(), base_id="b") is None
+    assert ckpt.restore_train_state(tmp_path / "missing", tiny_state(), base_id="b") is None
+    assert ckpt.restore_train_state(tmp_path, tiny_state(), base_id="b") is None
     assert ckpt.latest_step(tmp_path) is None and ckpt.latest_step(tmp_path / "missing") is None
 
 
 def test_other_base_is_refused_naming_both(tmp_path):
-    ckpt.save_train_state(tmp_path, _state(), base_id="HuggingFaceTB/SmolLM2-135M")
-    other = _state(base=llama.init(jax.random.key(99), CFG))
+    ckpt.save_train_state(tmp_path, tiny_state(), base_id="HuggingFaceTB/SmolLM2-135M")
+    other = tiny_state(base=llama.init(jax.random.key(99), CFG))
     with pytest.raises(
         BaseMismatchError,
         match=r"trained on base 'HuggingFaceTB/SmolLM2-135M' \(sha256:.*\) but .* base 'my-other-base'",
@@ -149,42 +135,48 @@ def test_other_base_is_refused_naming_both(tmp_path):
 
 
 def test_structure_mismatch_names_the_leaf(tmp_path):
-    ckpt.save_train_state(tmp_path, _state(), base_id="b")
-    wider = _state(rules=[lora.LoraRule(pattern=r"layers/\d+/attn/(q|v)_proj/kernel", rank=8, alpha=8, dropout=0.1)])
+    ckpt.save_train_state(tmp_path, tiny_state(), base_id="b")
+    wider = tiny_state(
+        rules=[lora.LoraRule(pattern=r"layers/\d+/attn/(q|v)_proj/kernel", rank=8, alpha=8, dropout=0.1)]
+    )
     with pytest.raises(
         CheckpointError, match=r"does not fit like_state: 'trainable/layers/0/attn/q_proj/kernel/lora_a' is \(32, 4\)"
     ):
         ckpt.restore_train_state(tmp_path, wider, base_id="b")
-    more = _state(rules=[lora.LoraRule(pattern=r"layers/\d+/attn/(q|v|k)_proj/kernel", rank=4, alpha=8, dropout=0.1)])
+    more = tiny_state(
+        rules=[lora.LoraRule(pattern=r"layers/\d+/attn/(q|v|k)_proj/kernel", rank=4, alpha=8, dropout=0.1)]
+    )
     with pytest.raises(CheckpointError, match=r"like_state has 'trainable/layers/0/attn/k_proj/kernel/lora_a'"):
         ckpt.restore_train_state(tmp_path, more, base_id="b")
-    rescaled = _state(rules=[lora.LoraRule(pattern=r"layers/\d+/attn/(q|v)_proj/kernel", rank=4, alpha=4, dropout=0.1)])
+    rescaled = tiny_state(
+        rules=[lora.LoraRule(pattern=r"layers/\d+/attn/(q|v)_proj/kernel", rank=4, alpha=4, dropout=0.1)]
+    )
     with pytest.raises(CheckpointError, match=r"\(scale, in_ndim, dropout\) = \(2.0, 1, 0.1\) in the checkpoint"):
         ckpt.restore_train_state(tmp_path, rescaled, base_id="b")
 
 
 def test_key_kind_mismatch(tmp_path):
-    ckpt.save_train_state(tmp_path, _state(), base_id="b")  # a threefry key
+    ckpt.save_train_state(tmp_path, tiny_state(), base_id="b")  # a threefry key
     with pytest.raises(
         CheckpointError, match=r"does not fit like_state: 'key' is \(2,\) uint32 in the checkpoint, \(4,\)"
     ):
-        ckpt.restore_train_state(tmp_path, _state()._replace(key=jax.random.key(0, impl="rbg")), base_id="b")
+        ckpt.restore_train_state(tmp_path, tiny_state()._replace(key=jax.random.key(0, impl="rbg")), base_id="b")
     with pytest.raises(CheckpointError, match="'key' is a threefry2x32 key in the checkpoint but a raw uint32 key"):
-        ckpt.restore_train_state(tmp_path, _state()._replace(key=jax.random.PRNGKey(0)), base_id="b")
-    raw = _state()._replace(step=jnp.asarray(1, jnp.int32), key=jax.random.PRNGKey(0))
+        ckpt.restore_train_state(tmp_path, tiny_state()._replace(key=jax.random.PRNGKey(0)), base_id="b")
+    raw = tiny_state()._replace(step=jnp.asarray(1, jnp.int32), key=jax.random.PRNGKey(0))
     ckpt.save_train_state(tmp_path, raw, base_id="b")
     with pytest.raises(CheckpointError, match="'key' is a raw uint32 key in the checkpoint but a threefry2x32 key"):
-        ckpt.restore_train_state(tmp_path, _state(), base_id="b", step=1)
+        ckpt.restore_train_state(tmp_path, tiny_state(), base_id="b", step=1)
 
 
 def test_step_errors(tmp_path):
-    ckpt.save_train_state(tmp_path, _state(), base_id="b")
+    ckpt.save_train_state(tmp_path, tiny_state(), base_id="b")
     with pytest.raises(CheckpointError, match=r"step 0 is already saved; checkpoints are never overwritten"):
-        ckpt.save_train_state(tmp_path, _state(), base_id="b")
+        ckpt.save_train_state(tmp_path, tiny_state(), base_id="b")
     with pytest.raises(CheckpointError, match=r"no checkpoint for step 7; saved steps: \[0\]"):
-        ckpt.restore_train_state(tmp_path, _state(), base_id="b", step=7)
+        ckpt.restore_train_state(tmp_path, tiny_state(), base_id="b", step=7)
     with pytest.raises(TypeError, match="extra must be JSON-serializable"):
-        ckpt.save_train_state(tmp_path, _state()._replace(step=jnp.asarray(1)), base_id="b", extra={"x": object()})
+        ckpt.save_train_state(tmp_path, tiny_state()._replace(step=jnp.asarray(1)), base_id="b", extra={"x": object()})
     with pytest.raises(TypeError, match="expected a lora_jax.train.TrainState, got dict"):
         ckpt.save_train_state(tmp_path, {"step": 1}, base_id="b")
     with pytest.raises(ValueError, match="max_to_keep must be a positive int, got 0"):
@@ -193,11 +185,11 @@ def test_step_errors(tmp_path):
     with pytest.raises(NotADirectoryError, match="expected a checkpoint folder, got a file"):
         ckpt.checkpoint_manager(tmp_path / "file")
     with pytest.raises(NotADirectoryError, match="expected a checkpoint folder, got a file"):
-        ckpt.restore_train_state(tmp_path / "file", _state(), base_id="b")
+        ckpt.restore_train_state(tmp_path / "file", tiny_state(), base_id="b")
 
 
 def test_duplicate_paths_are_refused():
-    state = _state()._replace(opt_state={"a/b": jnp.zeros(2), "a": {"b": jnp.ones(2)}})
+    state = tiny_state()._replace(opt_state={"a/b": jnp.zeros(2), "a": {"b": jnp.ones(2)}})
     with pytest.raises(ValueError, match="share the path 'opt_state/a/b'"):
         ckpt.save_train_state("/nonexistent", state, base_id="b")
 
@@ -239,7 +231,7 @@ def test_sigkill_during_save_keeps_previous_step(tmp_path):
 
 
 def test_failure_during_save_keeps_previous_step(tmp_path, monkeypatch):
-    state = _state()
+    state = tiny_state()
     ckpt.save_train_state(tmp_path, state, base_id="b", extra={"at": 0})
     real_rename = os.rename
 
@@ -271,7 +263,7 @@ def test_truncated_array_data_is_a_clear_error(tmp_path):
     for f in files:
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"/2: cannot read the checkpoint arrays .* truncated or corrupted"):
-        ckpt.restore_train_state(tmp_path, _state(), base_id="b")
+        ckpt.restore_train_state(tmp_path, tiny_state(), base_id="b")
     time.sleep(1.0)
     gc.collect()
 
@@ -284,7 +276,7 @@ def test_flipped_bytes_are_caught_by_the_digest(tmp_path, monkeypatch):
     meta["digest"] = "sha256:" + "0" * 64  # as if an array byte had flipped on disk
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="do not match the digest recorded at save time; the step is corrupted"):
-        ckpt.restore_train_state(tmp_path, _state(), base_id="b")
+        ckpt.restore_train_state(tmp_path, tiny_state(), base_id="b")
 
 
 @pytest.mark.parametrize(
@@ -297,10 +289,10 @@ def test_flipped_bytes_are_caught_by_the_digest(tmp_path, monkeypatch):
     ],
 )
 def test_damaged_record(tmp_path, content, match):
-    ckpt.save_train_state(tmp_path, _state(), base_id="b")
+    ckpt.save_train_state(tmp_path, tiny_state(), base_id="b")
     (tmp_path / "0" / "meta" / "metadata").write_text(content)
     with pytest.raises(CheckpointError, match=match):
-        ckpt.restore_train_state(tmp_path, _state(), base_id="b")
+        ckpt.restore_train_state(tmp_path, tiny_state(), base_id="b")
 
 
 def test_no_pickle_anywhere(tmp_path, monkeypatch):
@@ -312,5 +304,5 @@ def test_no_pickle_anywhere(tmp_path, monkeypatch):
 
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, refuse)
-    ckpt.restore_train_state(tmp_path / "c", _state(), base_id="b")
+    ckpt.restore_train_state(tmp_path / "c", tiny_state(), base_id="b")
 

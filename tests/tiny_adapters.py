@@ -1,4 +1,4 @@
-"""A tiny Llama and random adapters on it, shared by the adapter tests."""
+"""A tiny Llama, random adapters and train states on it, shared by the adapter, I/O and export tests."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from lora_jax import lora
+from lora_jax import lora, optim, train
 from lora_jax.models import llama
 
 CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
 QV = lora.LoraRule(pattern=r"layers/\d+/attn/(q|v)_proj/kernel", rank=4, alpha=8, dropout=0.05)
 TOKENS = jnp.array([[1, 5, 17, 3, 40, 2, 8, 9]])
+STATE_RULES = [lora.LoraRule(pattern=r"layers/\d+/attn/(q|v)_proj/kernel", rank=4, alpha=8, dropout=0.1)]
 
 
 @functools.cache
@@ -43,3 +45,9 @@ _forward = jax.jit(lambda p, t: llama.apply(p, t, CFG))
 def tiny_logits(params) -> np.ndarray:
     """The tiny Llama's logits for ``TOKENS``."""
     return np.asarray(_forward(params, TOKENS))
+
+
+def tiny_state(seed: int = 0, rules=STATE_RULES, base=None, tx=None) -> train.TrainState:
+    """A train state on the tiny base (masked AdamW unless ``tx``), adapters from ``seed``."""
+    params = lora.init(jax.random.key(seed + 1), tiny_base() if base is None else base, rules)
+    return train.init_state(params, tx or optim.masked(optax.adamw(1e-2)), jax.random.key(seed + 2))
