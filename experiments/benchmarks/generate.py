@@ -65,9 +65,9 @@ def hf_model(params, cfg: llama.LlamaConfig, directory: str):
     """transformers' LlamaForCausalLM holding our arrays, through the library's merged HF export."""
     import transformers
 
-    from lora_jax import checkpoint
+    from lora_jax.models import export_hf
 
-    checkpoint.export_merged_hf(directory, params, cfg)
+    export_hf.export_merged_hf(directory, params, cfg)
     return transformers.LlamaForCausalLM.from_pretrained(directory, torch_dtype="float32").eval()
 
 

@@ -1,7 +1,7 @@
 """One Hugging Face PEFT train step on PyTorch, the peer of our LoRA / QLoRA step in ``peers.py``.
 
 The model is ``transformers.LlamaForCausalLM`` built from *our* parameter tree:
-the tree is written with :func:`lora_jax.checkpoint.export_merged_hf` (the same
+the tree is written with :func:`lora_jax.models.export_hf.export_merged_hf` (the same
 name mapping and ``config.json`` our exporter ships; safetensors, no pickle) to
 a temporary folder and loaded back with ``from_pretrained``, so weights, shapes,
 RMSNorm eps, RoPE theta and tied embeddings are ours by construction.
@@ -38,8 +38,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from lora_jax.checkpoint import export_merged_hf
 from lora_jax.models import llama
+from lora_jax.models.export_hf import export_merged_hf
 
 SETUPS = ("peft_lora", "peft_qlora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
