@@ -13,8 +13,8 @@ Process-level choices belong here, not to ``import lora_jax``: before any
 subcommand runs, :func:`process_settings` applies the host allocator settings
 of :mod:`lora_jax.hostmem` (``LORA_JAX_MALLOC=system`` keeps the system's).
 Errors in the user's input (:class:`lora_jax.errors.LoraJaxError`, missing
-files) print as one paragraph with exit code 2; anything else is a bug and
-keeps its traceback.
+files) print as one paragraph with exit code 2; Ctrl-C says how to resume and
+exits with 130; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -57,11 +57,15 @@ def cmd_train(a) -> int:
     from pathlib import Path
 
     from lora_jax import config
-    from lora_jax.runner import sweep
+    from lora_jax.io.files import locked, path_name
+    from lora_jax.runner import build, sweep
 
     cfg = config.load_config(a.config, a.overrides)
-    run_dir = Path(a.output_dir or cfg.output_dir) / cfg.name / (a.run_name or "run")
-    s = sweep.run_one(a.run_name or "run", cfg, run_dir, quiet=a.quiet)
+    name = path_name(a.run_name or "run", "--run-name")
+    build.validate_runs([(name, cfg)])
+    sweep_dir = Path(a.output_dir or cfg.output_dir) / cfg.name
+    with locked(sweep_dir, "lora-jax train"):
+        s = sweep.run_one(name, cfg, sweep_dir / name, quiet=a.quiet)
     print(json.dumps({k: v for k, v in s.items() if k not in ("samples", "data", "versions")}, indent=1,
                      default=str))
     return 0 if s.get("status") == "finished" else 1
@@ -141,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--output-dir")
-    p.add_argument("--run-name", help="folder name of the run (default 'run')")
+    p.add_argument("--run-name", help="folder name of the run (default 'run'; slugged, kept inside the output dir)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("plan", help="parameter counts, base bytes, XLA FLOPs and memory per run; trains nothing")
@@ -186,6 +190,10 @@ def main(argv=None) -> int:
         # Input errors (configs, files, missing extras): one clear paragraph, no traceback.
         print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lora-jax {args.command}: interrupted. Finished runs and the last checkpoint of the current run are "
+              "kept; run the same command again to resume.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ __all__ = [
     "GGUFError",
     "DataError",
     "GenerateError",
+    "LockedError",
 ]
 
 
@@ -91,3 +92,7 @@ class DataError(LoraJaxError, ValueError):
 
 class GenerateError(LoraJaxError, ValueError):
     """Generation settings or prompts that cannot be decoded (empty prompt, bad temperature or top-p)."""
+
+
+class LockedError(LoraJaxError, RuntimeError):
+    """An output directory that another running ``lora-jax`` process holds (its lock file names it)."""

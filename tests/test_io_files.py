@@ -62,3 +62,16 @@ def test_importing_files_imports_no_jax():
     code = "import sys, lora_jax.io.files; assert 'jax' not in sys.modules, 'jax imported'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    import json
+    import socket
+
+    from lora_jax.io.files import LOCK_NAME, locked
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    with pytest.warns(UserWarning, match="no longer runs"), locked(tmp_path) as lock:
+        assert json.loads(lock.read_text())["pid"] != int(gone.stdout)
+    assert not (tmp_path / LOCK_NAME).exists()

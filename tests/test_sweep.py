@@ -156,3 +156,36 @@ def test_every_subcommand_has_help(sub, capsys):
         cli.main([sub, "--help"])
     assert e.value.code == 0
     assert "usage: lora-jax" in capsys.readouterr().out
+
+
+def test_config_problems_of_any_run_stop_the_sweep_before_it_starts(tmp_path, tiny_gguf, capsys):
+    # The tiny model's attention matrices are 32 x 16: rank 64 fits none; a missing data file is reported too.
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf, sweep={"lora.rank": [1, 64]})
+    out = tmp_path / "runs"
+    assert cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "lora_r64: lora.rank=64 is too large" in err and "lora_r1:" not in err and "Traceback" not in err
+    assert not (out / "t").exists()  # nothing ran, nothing was written
+    text = write_config(tmp_path / "d.yaml", tiny_gguf, **{"task.name": "text", "task.path": str(tmp_path / "no.txt")})
+    assert cli.main(["sweep", str(text), "--quiet", "--output-dir", str(out)]) == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
+def test_a_second_sweep_on_a_held_folder_is_refused(tmp_path, tiny_gguf, capsys):
+    from lora_jax.io.files import locked
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf)
+    out = tmp_path / "runs"
+    with locked(out / "t"):  # held by this (running) process
+        assert cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"pid {os.getpid()}" in err and "in use by another" in err
+    assert not (out / "t" / "results.csv").exists()
+
+
+def test_run_name_cannot_leave_the_output_folder(tmp_path, tiny_gguf):
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf, **{"train.steps": 2, "train.checkpoint_every": 0})
+    out = tmp_path / "runs"
+    assert cli.main(["train", str(cfg), "--quiet", "--output-dir", str(out), "--run-name", "../../../escaped"]) == 0
+    assert (out / "t" / "escaped" / "summary.json").exists()
+    assert not list(tmp_path.parent.glob("escaped")) and not (tmp_path / "escaped").exists()

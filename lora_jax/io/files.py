@@ -1,4 +1,4 @@
-"""Plain files: the package's one atomic write, JSON and safetensors reading, content hashes.
+"""Plain files: the package's one atomic write, JSON and safetensors reading, content hashes, lock files.
 
 Importing this module imports no JAX (only numpy and ``ml_dtypes``), so tools
 that read stored results (:mod:`lora_jax.plots`) can use it. Nothing here
@@ -11,14 +11,18 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
+import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from lora_jax.errors import CheckpointError
+from lora_jax.errors import CheckpointError, LockedError
 
 PathLike = str | os.PathLike
 
@@ -165,3 +169,84 @@ def version() -> str:
     import lora_jax
 
     return lora_jax.__version__
+
+
+def path_name(name: str, what: str = "name") -> str:
+    """``name`` as one safe path component: letters, digits and ``._-`` kept, anything else becomes ``-``.
+
+    Names that would leave their folder (``..``, ``a/b``) cannot: separators are
+    replaced too. Spaces and non-ASCII letters are slugged, not refused.
+
+    Raises:
+      CheckpointError: nothing usable is left of ``name``.
+
+    Examples:
+      >>> path_name("../../../x"), path_name("my run, café"), path_name("lora_r16")
+      ('x', 'my-run-cafe', 'lora_r16')
+    """
+    ascii_name = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()  # café -> cafe
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_name).strip("-.")
+    if not slug:
+        raise CheckpointError(f"{what} {name!r} has no letter or digit to name a folder with; give e.g. 'run1'")
+    return slug
+
+
+LOCK_NAME = ".lora-jax.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def locked(directory: PathLike, what: str = "lora-jax"):
+    """Hold ``directory`` for this process while the block runs (a lock file naming pid and host).
+
+    A second process that asks for the same directory gets a :class:`LockedError`
+    naming the holder; a lock left by a process that no longer runs on this host
+    is taken over with a warning. The lock file is removed on exit.
+
+    Examples:
+      >>> import tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> with locked(d):
+      ...     (Path(d) / LOCK_NAME).exists()
+      True
+      >>> (Path(d) / LOCK_NAME).exists()
+      False
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+                warnings.warn(f"{lock}: taking over a lock left by process {pid}, which no longer runs", stacklevel=3)
+                lock.unlink(missing_ok=True)
+                continue
+            raise LockedError(
+                f"{directory} is in use by another {what} process (pid {pid} on {host}; lock file {lock}). "
+                "Wait for it to finish, or give this one another --output-dir; if that process is gone "
+                "(e.g. on another host), delete the lock file."
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)

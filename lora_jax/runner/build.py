@@ -16,6 +16,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadedModel", "RunContext", "build_params", "chat_format", "check_against_model", "load_model", "lora_rules",
-    "loss_fn", "make_lr_schedule", "make_optimizer", "prepare", "quant_rules",
+    "loss_fn", "make_lr_schedule", "make_optimizer", "prepare", "quant_rules", "validate_runs",
 ]
 
 
@@ -282,3 +283,35 @@ def prepare(cfg: ExperimentConfig, model: LoadedModel) -> RunContext:
     info = {"task": task.info(), "dataset_hash": task.dataset_hash, "n_val": len(val),
             "n_train": None if train_data is None else int(train_data["tokens"].shape[0])}
     return RunContext(cfg, model, task, train_data, _data.pad_examples(val, T, pad_id=pad_id), params, info)
+
+
+def validate_runs(runs: list[tuple[str, ExperimentConfig]]) -> None:
+    """Check every run of a sweep against its model and data files before any run starts.
+
+    A problem the config alone determines (a target that matches nothing, a
+    rank a matrix cannot hold, a block size that does not divide, a missing
+    data file) stops the whole command here instead of failing each run after
+    the model was built. Only the parameter shapes are read (each model is
+    loaded once and kept for the first run).
+
+    Raises:
+      ConfigError: every problem of every run, each prefixed with the run's name.
+    """
+    errors: list[str] = []
+    shapes: dict[tuple[str, str], dict[str, tuple]] = {}
+    for name, cfg in runs:
+        t = cfg.task
+        if t.name in ("jsonl", "text") and t.path and not Path(t.path).is_file():
+            errors.append(f"{name}: task.path: {t.path!r} is not a file (relative paths start from {Path.cwd()})")
+        if cfg.method not in ("lora", "qlora"):
+            continue
+        key = (cfg.model.name, cfg.model.dtype)
+        if key not in shapes:
+            model = load_model(cfg.model)
+            shapes[key] = {p: tuple(x.shape) for p, x in _paths.leaves_with_paths(model.params)}
+        try:
+            check_against_model(cfg, shapes[key])
+        except ConfigError as e:
+            errors += [f"{name}: {line}" for line in e.errors]
+    if errors:
+        raise ConfigError(errors)

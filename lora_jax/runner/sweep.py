@@ -33,7 +33,7 @@ import jax
 
 from lora_jax import config as _config
 from lora_jax import lora as _lora
-from lora_jax.io.files import atomic_write
+from lora_jax.io.files import atomic_write, locked
 from lora_jax.runner import build as _build
 from lora_jax.runner.evaluate import evaluate
 from lora_jax.runner.loop import train_run
@@ -119,14 +119,33 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
               output_dir: str | None = None) -> Path:
     """Run every run of a config's sweep (skipping finished ones); write results and figures.
 
+    Every run is checked against its model and data first
+    (:func:`lora_jax.runner.build.validate_runs`), and the sweep folder is held
+    with a lock file while the sweep runs, so a second sweep on it stops with a
+    clear error instead of interleaving with this one.
+
     Returns:
       The sweep folder ``<output_dir>/<name>``.
+
+    Raises:
+      ConfigError: problems the configs alone determine, for all runs at once.
+      LockedError: another process runs a sweep in the same folder.
     """
     git_commit()  # record the code as it was when the sweep started
     runs = _config.load_sweep(config_path, overrides)
+    _build.validate_runs(runs)  # problems the configs alone determine stop here, before any run
     first = runs[0][1]
     sweep_dir = Path(output_dir or first.output_dir) / first.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with locked(sweep_dir, "lora-jax sweep"):
+        _run_all(runs, sweep_dir, quiet=quiet)
+        if plots:
+            from lora_jax import plots as _plots
+
+            _plots.make_all(sweep_dir)
+    return sweep_dir
+
+
+def _run_all(runs, sweep_dir: Path, *, quiet: bool) -> None:
     summaries = []
     for k, (name, cfg) in enumerate(runs, 1):
         if not quiet:
@@ -143,8 +162,3 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
         if not quiet and s.get("status") == "finished":
             shown = {k2: s.get(k2) for k2 in ("val_loss", "rouge1", "rougeL", "step_time_s") if s.get(k2) is not None}
             print("  " + ", ".join(f"{k2}={v:.4g}" for k2, v in shown.items()), file=sys.stderr, flush=True)
-    if plots:
-        from lora_jax import plots as _plots
-
-        _plots.make_all(sweep_dir)
-    return sweep_dir
