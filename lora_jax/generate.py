@@ -261,9 +261,16 @@ def generate_text(
 
     Returns:
       One decoded continuation per prompt.
+
+    Raises:
+      GenerateError: an empty prompt, or settings :func:`generate` refuses.
     """
     if isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], Mapping)):
         prompts = [prompts]
+    texts = [[m.get("content", "") for m in p] if chat else [p] for p in prompts]
+    empty = [i for i, t in enumerate(texts) if not any(str(x).strip() for x in t)]
+    if empty:
+        raise GenerateError(f"prompts {empty} are empty (only whitespace); give each prompt some text")
     if chat:
         ids = [tokenizer.encode_chat(m) for m in prompts]
     else:

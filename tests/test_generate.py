@@ -9,6 +9,7 @@ import pytest
 
 from lora_jax import generate as gen
 from lora_jax import lora, metrics, quant
+from lora_jax.errors import GenerateError
 from lora_jax.models import llama, registry
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,8 +142,11 @@ def test_bad_arguments(params):
         gen.generate(params, CFG, PROMPTS, temperature=1.0)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
         gen.generate(params, CFG, PROMPTS, temperature=1.0, top_p=0, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"temperature must be >= 0"):
-        gen.generate(params, CFG, PROMPTS, temperature=-1.0)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(GenerateError, match=r"temperature must be >= 0"):
+            gen.generate(params, CFG, PROMPTS, temperature=bad)
+    with pytest.raises(GenerateError, match=r"top_p must be in \(0, 1\], got nan"):
+        gen.generate(params, CFG, PROMPTS, temperature=1.0, top_p=float("nan"), key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"prompts \[1\] have no tokens"):
         gen.generate(params, CFG, [[1], []])
     with pytest.raises(ValueError, match=r"max_new_tokens must be a positive int, got 0"):
@@ -208,3 +212,13 @@ def test_smollm2_answers_paris(smollm2):
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     (answer,) = gen.generate_text(params, cfg, tok, [chat], chat=True, max_new_tokens=24)
     assert "Paris" in answer, answer
+
+
+@pytest.mark.parametrize("prompts, chat", [("", False), (["hi", "  "], False), ([[{"role": "user", "content": ""}]], True)])
+def test_empty_text_prompts_are_refused(params, prompts, chat):
+    class NoTokenizer:  # the check comes before any encoding
+        def __getattr__(self, name):
+            raise AssertionError(f"tokenizer.{name} used before the prompts were checked")
+
+    with pytest.raises(GenerateError, match=r"prompts \[\d\] are empty"):
+        gen.generate_text(params, CFG, NoTokenizer(), prompts, chat=chat)
