@@ -214,7 +214,9 @@ def test_smollm2_answers_paris(smollm2):
     assert "Paris" in answer, answer
 
 
-@pytest.mark.parametrize("prompts, chat", [("", False), (["hi", "  "], False), ([[{"role": "user", "content": ""}]], True)])
+@pytest.mark.parametrize(
+    "prompts, chat", [("", False), (["hi", "  "], False), ([[{"role": "user", "content": ""}]], True)]
+)
 def test_empty_text_prompts_are_refused(params, prompts, chat):
     class NoTokenizer:  # the check comes before any encoding
         def __getattr__(self, name):
