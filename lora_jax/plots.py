@@ -25,6 +25,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
+from lora_jax.errors import DataError
 from lora_jax.io.files import atomic_write
 
 # Metric column -> (axis label, higher is better)
@@ -38,15 +39,43 @@ METRICS = {
 }
 
 
+# The numeric columns the figures read (other columns are passed through as they are).
+NUMERIC_COLUMNS = {*METRICS, "rank", "seed", "trainable_params", "step_time_s", "peak_rss_mb", "base_bytes"}
+
+
 def read_results(sweep_dir: str | os.PathLike) -> list[dict]:
-    """Rows of ``results.csv`` with numbers parsed (empty cells become ``None``)."""
+    """Rows of ``results.csv`` with numbers parsed (empty cells become ``None``).
+
+    Raises:
+      FileNotFoundError: no ``results.csv`` in ``sweep_dir``.
+      DataError: the file has no runs, lacks the ``run`` or ``status`` column, a
+        row has more or fewer cells than the header, a run is listed twice, or a
+        numeric column holds text (the message names the line and column).
+    """
     path = Path(sweep_dir) / "results.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no results.csv here; run `lora-jax sweep CONFIG` first")
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            rows.append({k: _num(v) for k, v in row.items()})
+    rows, seen = [], {}
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f)
+        missing = {"run", "status"} - set(reader.fieldnames or ())
+        if missing:
+            raise DataError(f"{path}: the header lacks {sorted(missing)}; it is not a lora-jax results.csv")
+        for row in reader:
+            line = reader.line_num
+            if None in row or None in row.values():
+                raise DataError(f"{path}:{line}: the row has {'more' if None in row else 'fewer'} cells than the "
+                                "header; rewrite the file with `lora-jax sweep CONFIG` (finished runs are not rerun)")
+            if row["run"] in seen:
+                raise DataError(f"{path}:{line}: run {row['run']!r} is listed again (first on line {seen[row['run']]})")
+            seen[row["run"]] = line
+            parsed = {k: _num(v) for k, v in row.items()}
+            for k, v in parsed.items():
+                if isinstance(v, str) and k in NUMERIC_COLUMNS:
+                    raise DataError(f"{path}:{line}: column {k!r} holds {v!r} where a number is expected")
+            rows.append(parsed)
+    if not rows:
+        raise DataError(f"{path}: no runs listed; run `lora-jax sweep CONFIG` first")
     return rows
 
 

@@ -2,9 +2,12 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["run", "method", "rank", "seed", "status", "trainable_params", "step_time_s", "val_loss"]
@@ -49,3 +52,26 @@ def test_figures_leave_pyplot_and_the_backend_alone(tmp_path):
     names = {p.name for p in (sweep / "figures").iterdir()}
     assert int(r.stdout) == len(names) >= 6
     assert {"val_loss_vs_rank.png", "val_loss_vs_rank.pdf", "loss_curves.png", "trainable_params_vs_rank.pdf"} <= names
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda text: text.splitlines()[0] + "\n", "no runs listed"),
+        (lambda text: text.replace("lora_r4,lora,4", "lora_r1,lora,4"), "run 'lora_r1' is listed again"),
+        (lambda text: text.replace(",2.4\n", ",2.4,extra\n"), "more cells than the header"),
+        (lambda text: text.replace(",2.4\n", "\n"), "fewer cells than the header"),
+        (lambda text: text.replace(",2.4\n", ",about two\n"), "column 'val_loss' holds 'about two'"),
+        (lambda text: text.replace("run,", "name,", 1), "lacks ['run']"),
+    ],
+)
+def test_a_damaged_results_csv_names_the_problem(tmp_path, edit, message):
+    from lora_jax import plots
+    from lora_jax.errors import DataError
+
+    sweep = _sweep_dir(tmp_path)
+    csv_path = sweep / "results.csv"
+    csv_path.write_text(edit(csv_path.read_text()))
+    with pytest.raises(DataError, match=re.escape(message)):
+        plots.make_all(sweep)
+    assert not (sweep / "figures").exists()
