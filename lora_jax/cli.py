@@ -57,7 +57,8 @@ def cmd_train(a) -> int:
     from pathlib import Path
 
     from lora_jax import config
-    from lora_jax.io.files import locked, path_name
+    from lora_jax.io.files import locked
+    from lora_jax.io.names import path_name
     from lora_jax.runner import build, sweep
 
     cfg = config.load_config(a.config, a.overrides)

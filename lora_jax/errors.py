@@ -49,12 +49,17 @@ class ConfigError(LoraJaxError, ValueError):
         - optim.lr: must be > 0 (got -1)
     """
 
+    SHOWN = 20  # problems listed in the message; ``errors`` keeps them all
+
     def __init__(self, errors: str | Sequence[str]):
         self.errors = [errors] if isinstance(errors, str) else list(errors)
         if len(self.errors) == 1:
             msg = self.errors[0]
         else:
-            msg = f"{len(self.errors)} problems:\n  - " + "\n  - ".join(self.errors)
+            shown = self.errors[: self.SHOWN]
+            msg = f"{len(self.errors)} problems:\n  - " + "\n  - ".join(shown)
+            if len(self.errors) > len(shown):
+                msg += f"\n  ... and {len(self.errors) - len(shown)} more (fix the ones above first)"
         super().__init__(msg)
 
     def within(self, where: str) -> ConfigError:

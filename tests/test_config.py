@@ -343,3 +343,37 @@ def test_names_that_moved_out_keep_working_from_the_config_package():
     assert all(hasattr(C, name) for name in C.__all__)
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         C.no_such_name  # noqa: B018
+
+
+def test_file_names_with_spaces_or_accents_name_the_sweep(tmp_path):
+    p = tmp_path / "my rank sweep é.yaml"
+    p.write_text("lora:\n  rank: 4\n")
+    assert C.load_config(p).name == "my-rank-sweep-e"
+    only_symbols = tmp_path / "日本.yaml"
+    only_symbols.write_text("lora:\n  rank: 4\n")
+    assert C.load_config(only_symbols).name == "config"
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 0xe9 at offset 9\)"):
+        C.load_config(p)
+
+
+def test_a_config_full_of_unknown_keys_lists_twenty_problems_and_counts_the_rest(tmp_path):
+    p = tmp_path / "junk.yaml"
+    p.write_text("".join(f"junk_{i}: 1\n" for i in range(500)))
+    with pytest.raises(ConfigError) as info:
+        C.load_config(p)
+    assert len(info.value.errors) == 500
+    text = str(info.value)
+    assert text.startswith("500 problems:") and "... and 480 more" in text and len(text) < 5000
+
+
+def test_errors_of_a_config_without_sweep_have_no_sweep_prefix(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lora:\n  rank: 0\n")
+    with pytest.raises(ConfigError) as info:
+        C.load_sweep(p)
+    assert "sweep run" not in str(info.value) and "lora.rank: must be >= 1 (got 0)" in str(info.value)

@@ -133,6 +133,8 @@ def expand_sweep(raw: Mapping[str, Any]) -> list[tuple[str, ExperimentConfig]]:
         try:
             full = from_dict(_with(raw, assignment))
         except ConfigError as e:
+            if not assignment:  # no sweep block: the config itself is wrong
+                raise
             point = ", ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in assignment.items())
             raise e.within(f"sweep run {point}") from None
         applied = {k: v for k, v in assignment.items() if relevant(k, full.method)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from lora_jax.config.overrides import apply_overrides
 from lora_jax.config.safe_yaml import parse_yaml
 from lora_jax.config.schema import SWEEP_KEYS, ExperimentConfig
 from lora_jax.errors import ConfigError
+from lora_jax.io.names import path_name
 
 
 def load_raw(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -32,14 +32,25 @@ def load_raw(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str
         build a Python object, a top level that is not a mapping, a bad override.
     """
     source = os.fspath(path)
-    raw = parse_yaml(Path(path).read_text(), source)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{source}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); a config is a YAML "
+            "text file: save it as UTF-8"
+        ) from None
+    raw = parse_yaml(text, source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(
             f"{source}: the top level must be a mapping of keys (method:, model:, lora:, ...), got {show(raw)}"
         )
-    raw.setdefault("name", re.sub(r"[^A-Za-z0-9._+-]+", "-", Path(source).stem))
+    if "name" not in raw:  # the file's name, slugged ("my config.yaml" -> "my-config"); "config" if nothing is left
+        try:
+            raw["name"] = path_name(Path(source).stem)
+        except ConfigError:
+            raw["name"] = "config"
     try:
         return apply_overrides(raw, overrides)
     except ConfigError as e:

@@ -11,10 +11,8 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import socket
 import tempfile
-import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any
@@ -169,26 +167,6 @@ def version() -> str:
     import lora_jax
 
     return lora_jax.__version__
-
-
-def path_name(name: str, what: str = "name") -> str:
-    """``name`` as one safe path component: letters, digits and ``._-`` kept, anything else becomes ``-``.
-
-    Names that would leave their folder (``..``, ``a/b``) cannot: separators are
-    replaced too. Spaces and non-ASCII letters are slugged, not refused.
-
-    Raises:
-      CheckpointError: nothing usable is left of ``name``.
-
-    Examples:
-      >>> path_name("../../../x"), path_name("my run, café"), path_name("lora_r16")
-      ('x', 'my-run-cafe', 'lora_r16')
-    """
-    ascii_name = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()  # café -> cafe
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_name).strip("-.")
-    if not slug:
-        raise CheckpointError(f"{what} {name!r} has no letter or digit to name a folder with; give e.g. 'run1'")
-    return slug
 
 
 LOCK_NAME = ".lora-jax.lock"
