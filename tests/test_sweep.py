@@ -189,3 +189,27 @@ def test_run_name_cannot_leave_the_output_folder(tmp_path, tiny_gguf):
     assert cli.main(["train", str(cfg), "--quiet", "--output-dir", str(out), "--run-name", "../../../escaped"]) == 0
     assert (out / "t" / "escaped" / "summary.json").exists()
     assert not list(tmp_path.parent.glob("escaped")) and not (tmp_path / "escaped").exists()
+
+
+def test_a_run_interrupted_in_its_final_evaluation_resumes_with_every_metric(tmp_path, tiny_gguf, monkeypatch):
+    from lora_jax.runner import sweep as runner_sweep
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf, **{"train.steps": 4, "train.checkpoint_every": 2})
+    whole = tmp_path / "whole"
+    assert cli.main(["train", str(cfg), "--quiet", "--output-dir", str(whole)]) == 0
+    expected = json.loads((whole / "t" / "run" / "summary.json").read_text())
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        m.setattr(runner_sweep, "evaluate", interrupted)
+        assert cli.main(["train", str(cfg), "--quiet", "--output-dir", str(out)]) == 130
+    assert not (out / "t" / "run" / "summary.json").exists() and (out / "t" / "run" / "ckpt").exists()
+    assert cli.main(["train", str(cfg), "--quiet", "--output-dir", str(out)]) == 0
+    got = json.loads((out / "t" / "run" / "summary.json").read_text())
+    assert got["status"] == "finished"
+    for k in ("train_loss", "val_loss"):
+        assert got[k] == pytest.approx(expected[k], rel=1e-6), k
+    assert got["step_time_s"] > 0 and got["tokens_per_s"] > 0
