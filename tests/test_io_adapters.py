@@ -203,3 +203,22 @@ def test_no_pickle(tmp_path, monkeypatch):
         monkeypatch.setattr(pickle, name, refuse)
     adapters.load(d, tiny_base())
     adapters.load(peft, tiny_base())
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"scale": 1e6}, r"scale 1e\+06 disagrees with alpha 8 and rank 4 \(expected 2\)"),
+        ({"scale": None}, "scale is None; it must be a finite number"),
+        ({"rslora": True}, r"scale 2 disagrees with alpha 8 and rank 4 \(expected 4 with rslora\)"),
+    ],
+)
+def test_an_edited_scale_is_refused(tmp_path, edit, match):
+    d = _adapter_dir(tmp_path)
+    cfg_file = d / adapters.ADAPTER_CONFIG
+    config = json.loads(cfg_file.read_text())
+    first = next(iter(config["adapters"]))
+    config["adapters"][first].update(edit)
+    cfg_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        adapters.load_adapter(d, tiny_base())

@@ -173,6 +173,21 @@ def read_adapter_config(directory: PathLike) -> dict:
     return config
 
 
+def _check_scale(file: Path, path: str, e: dict) -> None:
+    """The recorded scale must be finite and agree with the recorded alpha and rank (alpha/r, or alpha/sqrt(r))."""
+    scale, rank, alpha = e["scale"], e["rank"], e.get("alpha")
+    if not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise CheckpointError(f"{file}: {path!r}: scale is {scale!r}; it must be a finite number")
+    if isinstance(alpha, int | float) and isinstance(rank, int) and rank > 0:
+        expected = alpha / (math.sqrt(rank) if e.get("rslora") else rank)
+        if not math.isclose(scale, expected, rel_tol=1e-6):
+            raise CheckpointError(
+                f"{file}: {path!r}: scale {scale:g} disagrees with alpha {alpha:g} and rank {rank} "
+                f"(expected {expected:g}{' with rslora' if e.get('rslora') else ''}); the file was edited or "
+                "corrupted: fix scale or alpha, or save the adapter again"
+            )
+
+
 def load_adapter(directory: PathLike, base_params: PyTree, *, check_base: bool = False) -> PyTree:
     """Rebuild the LoRA weights saved by :func:`save_adapter` on ``base_params``.
 
@@ -190,8 +205,9 @@ def load_adapter(directory: PathLike, base_params: PyTree, *, check_base: bool =
 
     Raises:
       FileNotFoundError: a file is missing.
-      CheckpointError: a file is truncated or corrupted, the pair is torn,
-        or a path or shape does not fit the base (the first one is named).
+      CheckpointError: a file is truncated or corrupted, the pair is torn, a
+        recorded scale is not finite or disagrees with its alpha and rank, or a
+        path or shape does not fit the base (the first one is named).
       BaseMismatchError: ``check_base`` and another base.
     """
     directory = Path(directory)
@@ -239,6 +255,7 @@ def load_adapter(directory: PathLike, base_params: PyTree, *, check_base: bool =
         check_factors(file, path, base, a, b, int(e["in_ndim"]))
         if a.shape[1] != e["rank"]:
             raise CheckpointError(f"{file}: {path!r}: A has rank {a.shape[1]}, {ADAPTER_CONFIG} says {e['rank']}")
+        _check_scale(directory / ADAPTER_CONFIG, path, e)
         new[path] = _lora.LoraWeight(
             base, jnp.asarray(a), jnp.asarray(b), float(e["scale"]), int(e["in_ndim"]), float(e.get("dropout", 0.0))
         )
