@@ -267,7 +267,8 @@ def generate_text(
     """
     if isinstance(prompts, str) or (chat and prompts and isinstance(prompts[0], Mapping)):
         prompts = [prompts]
-    texts = [[m.get("content", "") for m in p] if chat else [p] for p in prompts]
+    # A message that is not a dict is left to the tokenizer, whose error says what a message must be.
+    texts = [[m.get("content", "") if isinstance(m, Mapping) else m for m in p] if chat else [p] for p in prompts]
     empty = [i for i, t in enumerate(texts) if not any(str(x).strip() for x in t)]
     if empty:
         raise GenerateError(f"prompts {empty} are empty (only whitespace); give each prompt some text")

@@ -100,7 +100,6 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, donate
     traces = []
 
     def update(trainable, opt_state, frozen, key, step, batch):
-        traces.append(None)  # runs once per trace, not per call
         step_key = jax.random.fold_in(key, step)
 
         def objective(t):
@@ -113,8 +112,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, donate
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
         return trainable, opt_state, step + 1, metrics
 
-    update.__name__ = update.__qualname__ = "train_step"
-    jitted = jax.jit(update, donate_argnums=(0, 1) if donate else ())
+    def traced(*args):
+        traces.append(None)  # runs once per trace of the jitted update, not per call (ahead_of_time's own don't count)
+        return update(*args)
+
+    traced.__name__ = traced.__qualname__ = "train_step"
+    jitted = jax.jit(traced, donate_argnums=(0, 1) if donate else ())
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
         trainable, opt_state, step, metrics = jitted(

@@ -224,3 +224,14 @@ def test_empty_text_prompts_are_refused(params, prompts, chat):
 
     with pytest.raises(GenerateError, match=r"prompts \[\d\] are empty"):
         gen.generate_text(params, CFG, NoTokenizer(), prompts, chat=chat)
+
+
+def test_a_chat_message_that_is_not_a_dict_reaches_the_tokenizers_own_error(params):
+    from lora_jax.errors import DataError
+
+    class Tokenizer:
+        def encode_chat(self, messages):
+            raise DataError(f"chat message 0 must be a dict with 'role' and 'content', got {messages[0]!r}")
+
+    with pytest.raises(DataError, match="must be a dict"):
+        gen.generate_text(params, CFG, Tokenizer(), [["just text"]], chat=True)

@@ -203,7 +203,8 @@ def locked(directory: PathLike, what: str = "lora-jax"):
     directory.mkdir(parents=True, exist_ok=True)
     lock = directory / LOCK_NAME
     me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
+    may_take_over = True  # once: if another process takes the stale lock at the same moment, it wins
+    while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -212,9 +213,10 @@ def locked(directory: PathLike, what: str = "lora-jax"):
             except (OSError, json.JSONDecodeError):
                 holder = {}
             pid, host = holder.get("pid"), holder.get("host")
-            if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+            if may_take_over and host == me["host"] and isinstance(pid, int) and not _alive(pid):
                 warnings.warn(f"{lock}: taking over a lock left by process {pid}, which no longer runs", stacklevel=3)
                 lock.unlink(missing_ok=True)
+                may_take_over = False
                 continue
             raise LockedError(
                 f"{directory} is in use by another {what} process (pid {pid} on {host}; lock file {lock}). "

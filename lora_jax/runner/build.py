@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadedModel", "RunContext", "build_params", "chat_format", "check_against_model", "load_model", "lora_rules",
-    "loss_fn", "make_lr_schedule", "make_optimizer", "prepare", "quant_rules", "validate_runs",
+    "loss_fn", "make_lr_schedule", "make_optimizer", "param_shapes", "prepare", "quant_rules", "validate_runs",
 ]
 
 
@@ -195,9 +195,17 @@ class LoadedModel:
     config: Any
     tokenizer: Any
     fingerprint: str = ""
+    shapes: dict[str, tuple[int, ...]] | None = None  # see param_shapes
 
 
 _MODEL_CACHE: dict[tuple[str, str], LoadedModel] = {}
+
+
+def param_shapes(model: LoadedModel) -> dict[str, tuple[int, ...]]:
+    """``{path: shape}`` of the model's parameters (computed once per loaded model)."""
+    if model.shapes is None:
+        model.shapes = {p: tuple(x.shape) for p, x in _paths.leaves_with_paths(model.params)}
+    return model.shapes
 
 
 def load_model(m: ModelConfig) -> LoadedModel:
@@ -259,7 +267,7 @@ def build_params(cfg: ExperimentConfig, model: LoadedModel):
     if cfg.method == "qlora":
         params = _quant.quantize(params, quant_rules(cfg.quant, cfg.model.dtype))
     if cfg.method in ("lora", "qlora"):
-        check_against_model(cfg, {p: tuple(x.shape) for p, x in _paths.leaves_with_paths(model.params)})
+        check_against_model(cfg, param_shapes(model))
         params = _lora.init(jax.random.fold_in(jax.random.key(cfg.seed), 1), params, lora_rules(cfg.lora))
     return params
 
@@ -291,26 +299,22 @@ def validate_runs(runs: list[tuple[str, ExperimentConfig]]) -> None:
     A problem the config alone determines (a target that matches nothing, a
     rank a matrix cannot hold, a block size that does not divide, a missing
     data file) stops the whole command here instead of failing each run after
-    the model was built. Only the parameter shapes are read (each model is
-    loaded once and kept for the first run).
+    the model was built. The model is loaded for its parameter shapes and
+    kept for the first run (the cache holds one model: a sweep over several
+    models loads each again when its runs start).
 
     Raises:
       ConfigError: every problem of every run, each prefixed with the run's name.
     """
     errors: list[str] = []
-    shapes: dict[tuple[str, str], dict[str, tuple]] = {}
     for name, cfg in runs:
         t = cfg.task
         if t.name in ("jsonl", "text") and t.path and not Path(t.path).is_file():
             errors.append(f"{name}: task.path: {t.path!r} is not a file (relative paths start from {Path.cwd()})")
         if cfg.method not in ("lora", "qlora"):
             continue
-        key = (cfg.model.name, cfg.model.dtype)
-        if key not in shapes:
-            model = load_model(cfg.model)
-            shapes[key] = {p: tuple(x.shape) for p, x in _paths.leaves_with_paths(model.params)}
         try:
-            check_against_model(cfg, shapes[key])
+            check_against_model(cfg, param_shapes(load_model(cfg.model)))
         except ConfigError as e:
             errors += [f"{name}: {line}" for line in e.errors]
     if errors:

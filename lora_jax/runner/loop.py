@@ -101,7 +101,7 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
         # Resumed after the last step (killed during the final evaluation or while writing the
         # summary): the numbers of the steps come from the metrics lines they wrote.
         losses = [r["loss"] for r in kept if "loss" in r]
-        times = [r["time_s"] for r in kept[1:] if "time_s" in r]  # the first line's step compiled
+        times = [r["time_s"] for r in kept if "time_s" in r and r.get("step", 0) > 1]  # step 1 compiled
     status["step_time_s"] = statistics.median(times) if times else None
     status["tokens_per_s"] = tok_per_step / status["step_time_s"] if times else None
     status["train_loss"] = losses[-1] if losses else None
