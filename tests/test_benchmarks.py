@@ -55,23 +55,33 @@ def test_every_peer_trains_one_step_from_the_same_loss(setup, weights, reference
     assert math.isfinite(second) and second != first, "the step did not update anything"
 
 
-@pytest.mark.parametrize("setup", ["ours_lora_bf16", "peft_lora_bf16"])
+@pytest.mark.parametrize("setup", [s for s in peers.SETUPS if s.endswith("_bf16")])
 def test_bf16_rows_run(setup, weights, reference):
-    first = peers.build(setup, weights, CFG)(TOKENS)
-    assert abs(first - reference[0]) < 0.05  # bf16 weights and activations
+    step = peers.build(setup, weights, CFG)
+    first = step(TOKENS)
+    assert abs(first - reference["qlora" in setup]) < 0.05  # bf16 weights and activations
+    step(TOKENS, block=False)  # the pipelined loop: dispatch, then wait once
+    assert math.isfinite(step.wait()) and step.wait() != first
 
 
-def test_peers_main_writes_json_and_table(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(peers.hostmem.ENV, "system")  # this test process keeps its allocator
+def test_peers_main_runs_each_setup_in_a_clean_process(tmp_path, capsys):
     md = tmp_path / "peers.md"
-    res = peers.main(["--tiny", "--reps", "1", "--setups", "ours_lora", "peft_lora", "--markdown", str(md)])
-    assert set(res["step_s"]) == {"ours_lora", "peft_lora"}
+    setups = ["ours_lora", "peft_lora", "ours_lora_bf16", "peft_lora_bf16"]
+    res = peers.main(["--tiny", "--reps", "1", "--rounds", "1", "--setups", *setups, "--markdown", str(md)])
+    for style in peers.STYLES:
+        assert set(res["step_s"][style]) == set(setups)
+        # a ratio is the quotient of the step times it names (one round: no median across rounds)
+        t = res["step_s"][style]
+        assert res[f"ours_lora_over_peft_lora_{style}"] == pytest.approx(t["ours_lora"] / t["peft_lora"], rel=1e-3)
+        best = min(t["ours_lora"], t["ours_lora_bf16"]) / min(t["peft_lora"], t["peft_lora_bf16"])
+        assert res[f"ours_lora_best_over_peft_lora_best_{style}"] == pytest.approx(best, rel=1e-3)
     assert res["initial_loss_spread_fp32"] < 1e-4
-    assert set(res["peak_rss_mb"]) == {"ours_lora", "peft_lora"}
     assert all(v > 50 for v in res["peak_rss_mb"].values())
-    assert 0 < res["ours_lora_over_peft_lora"] < 100
+    # a PyTorch peer's process never loads JAX or lora-jax; ours never loads PyTorch
+    assert res["process_imported"]["peft_lora"] == ["torch"]
+    assert "torch" not in res["process_imported"]["ours_lora"]
     table = md.read_text()
-    assert "| ours_lora |" in table and "ours_lora_over_peft_lora" in table
+    assert "| ours_lora |" in table and "ours_lora_best_over_peft_lora_best_pipelined" in table
 
 
 def test_gpu_script_runs_on_cpu_for_ours_and_peft():

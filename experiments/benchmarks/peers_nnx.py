@@ -136,7 +136,7 @@ def load(model: Llama, params: dict) -> None:
 
 def build(
     setup: str, params: dict, cfg: llama.LlamaConfig, *, rank: int = 16, alpha: int = 32, lr: float = 1e-4
-) -> Callable[[np.ndarray], float]:
+) -> Callable[..., float | None]:
     """A train step ``step(tokens) -> loss`` (forward, backward, AdamW update, blocked until done).
 
     Args:
@@ -148,7 +148,9 @@ def build(
       lr: AdamW learning rate.
 
     Returns:
-      ``step``: takes int tokens ``(B, T)``, returns the loss before the update as a float.
+      ``step(tokens, block=True)``: takes int tokens ``(B, T)``, returns the loss before the update
+      as a float; with ``block=False`` it dispatches the step and returns ``None`` (``step.wait()``
+      then blocks and returns the last loss).
     """
     if setup not in SETUPS:
         raise ValueError(f"setup must be one of {SETUPS}, got {setup!r}")
@@ -182,11 +184,17 @@ def build(
         optimizer.update(model, grads)
         return loss, nnx.state((model, optimizer), TRAINABLE)
 
-    def step(tokens: np.ndarray) -> float:
-        nonlocal trainable
-        loss, trainable = jax.block_until_ready(train_step(graphdef, trainable, frozen, jnp.asarray(tokens, jnp.int32)))
-        return float(loss)
+    last = [None]
 
+    def wait() -> float:
+        return float(jax.block_until_ready((last[0], trainable))[0])
+
+    def step(tokens: np.ndarray, block: bool = True) -> float | None:
+        nonlocal trainable
+        last[0], trainable = train_step(graphdef, trainable, frozen, jnp.asarray(tokens, jnp.int32))
+        return wait() if block else None
+
+    step.wait = wait
     return step
 
 

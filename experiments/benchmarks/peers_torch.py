@@ -29,6 +29,9 @@ The optimizer is ``torch.optim.AdamW`` with optax.adamw's defaults over the adap
 
     step = build("peft_lora", jax.tree.map(np.asarray, params), cfg)
     loss = step(tokens)  # int (B, T); loss before the update
+
+``build_from_hf`` takes the exported folder instead, so a process that times PEFT imports
+neither JAX nor lora-jax (``peers.py`` exports once and runs each peer in a clean process).
 """
 
 from __future__ import annotations
@@ -37,9 +40,6 @@ import tempfile
 from collections.abc import Callable
 
 import numpy as np
-
-from lora_jax.models import llama
-from lora_jax.models.export_hf import export_merged_hf
 
 SETUPS = ("peft_lora", "peft_qlora")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,10 +58,23 @@ def _check(setup: str, dtype: str, device: str) -> None:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
-def build(
+def build(setup: str, params: dict, cfg, **kwargs) -> Callable[..., float | None]:
+    """Return ``step(tokens)`` on a PEFT model of our parameter tree ``params`` (see :func:`build_from_hf`).
+
+    ``params`` is our Llama tree (numpy float32, no adapters or quantized leaves) and ``cfg`` its
+    :class:`lora_jax.models.llama.LlamaConfig`; they are written to a temporary Hugging Face folder
+    with :func:`lora_jax.models.export_hf.export_merged_hf` and loaded from there.
+    """
+    from lora_jax.models.export_hf import export_merged_hf
+
+    with tempfile.TemporaryDirectory() as d:
+        export_merged_hf(d, params, cfg)
+        return build_from_hf(setup, d, **kwargs)
+
+
+def build_from_hf(
     setup: str,
-    params: dict,
-    cfg: llama.LlamaConfig,
+    folder: str,
     *,
     rank: int = 16,
     alpha: int = 32,
@@ -69,13 +82,12 @@ def build(
     threads: int | None = 2,
     device: str = "cpu",
     dtype: str = "float32",
-) -> Callable[[np.ndarray], float]:
-    """Return ``step(tokens) -> loss``: forward, backward, AdamW update, on a PEFT model of ``params``.
+) -> Callable[..., float | None]:
+    """Return ``step(tokens) -> loss``: forward, backward, AdamW update, on a PEFT model of a HF folder.
 
     Args:
       setup: ``"peft_lora"`` or ``"peft_qlora"``.
-      params: our Llama parameter tree (numpy float32, no adapters or quantized leaves).
-      cfg: its :class:`lora_jax.models.llama.LlamaConfig`.
+      folder: a Hugging Face Llama folder (``config.json`` + safetensors), e.g. from ``export_merged_hf``.
       rank, alpha: LoRA rank and alpha (scale ``alpha / rank``, as ours).
       lr: AdamW learning rate (b1 0.9, b2 0.999, eps 1e-8, weight decay 1e-4: optax.adamw's defaults).
       threads: ``torch.set_num_threads`` when not ``None``.
@@ -83,8 +95,10 @@ def build(
       dtype: ``"float32"`` or ``"bfloat16"`` for the base weights and compute.
 
     Returns:
-      ``step``: takes int tokens ``(B, T)``, returns the mean next-token cross entropy over the
-      ``B * (T - 1)`` positions computed before the update; it returns after the device is done.
+      ``step(tokens, block=True)``: takes int tokens ``(B, T)``, returns the mean next-token cross
+      entropy over the ``B * (T - 1)`` positions computed before the update, after the device is
+      done. With ``block=False`` it returns ``None`` without copying the loss to the host (the
+      loop that logs only now and then); ``step.wait()`` then returns the last loss.
     """
     _check(setup, dtype, device)
     import peft
@@ -103,9 +117,7 @@ def build(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype,
         )
-    with tempfile.TemporaryDirectory() as d:
-        export_merged_hf(d, params, cfg)
-        model = transformers.LlamaForCausalLM.from_pretrained(d, **kwargs)
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, **kwargs)
     if setup == "peft_qlora":
         _check_quantized(model)
     lcfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=TARGETS)
@@ -115,16 +127,23 @@ def build(
     opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def step(tokens: np.ndarray) -> float:
+    last = [None]
+
+    def wait() -> float:
+        loss = float(last[0])  # a host copy: waits for the step on any device
+        sync()
+        return loss
+
+    def step(tokens: np.ndarray, block: bool = True) -> float | None:
         ids = torch.as_tensor(np.asarray(tokens, np.int64), device=device)
         out = model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = float(out.loss.detach())  # a host copy: waits for the step on any device
-        sync()
-        return loss
+        last[0] = out.loss.detach()
+        return wait() if block else None
 
+    step.wait = wait
     return step
 
 
