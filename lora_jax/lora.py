@@ -223,7 +223,7 @@ class LoraWeight:
             x2 = x.reshape(-1, x.shape[-1])
             y = fused(x2, self._adapter_input(x2), a, b, float(self.scale), custom_vjp=self.custom_vjp)
             return y.reshape(*lead, y.shape[-1])
-        return (x @ self.base) + self.delta(x)
+        return _kernels.matmul(x, self.base, custom_vjp=self.custom_vjp) + self.delta(x)
 
     def __getitem__(self, idx):
         """Rows of an embedding table: ``W0[idx] + s * A[idx] @ B`` (no dropout)."""

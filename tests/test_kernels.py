@@ -111,3 +111,69 @@ def test_fallback_flag_is_static_and_grads_agree_under_jit(operands):
 
     for g, w in zip(grads(a, b, True), grads(a, b, False), strict=True):
         _close(g, w)
+
+
+# ----------------------------------------------------------------------------
+# bf16 products: float32 accumulation forward and backward
+
+
+def _bf16(key, *shape):
+    return _rand(key, *shape).astype(jnp.bfloat16)
+
+
+def _assert_rounded_once(got, x, w):
+    """``got`` is the exact product of the bf16 values ``x @ w`` rounded once to bf16, up to fp32 summation error."""
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    exact = x64 @ w64
+    bound = 2**-8 * np.abs(exact) + 2**-20 * (np.abs(x64) @ np.abs(w64))  # half a bf16 ulp (<= 2^-8 relative) + fp32
+    assert got.dtype == jnp.bfloat16
+    excess = np.abs(np.asarray(got, np.float64) - exact) - bound
+    assert excess.max() <= 0, excess.max()
+
+
+def test_bf16_matmul_rounds_once_forward_and_backward():
+    x, w = _bf16(10, 3, 70, 256), _bf16(11, 256, 48)  # K = 256: bf16 partial sums would drift
+    _assert_rounded_once(_kernels.matmul(x, w), x, w)
+    g = _bf16(12, 3, 70, 48)
+    dx, dw = jax.vjp(_kernels.matmul, x, w)[1](g)
+    _assert_rounded_once(dx, g, np.asarray(w, np.float32).T)
+    x2, g2 = np.asarray(x, np.float32).reshape(-1, 256), np.asarray(g, np.float32).reshape(-1, 48)
+    _assert_rounded_once(dw, x2.T, g2)  # 210 rows summed
+
+
+def test_bf16_matmul_fallbacks():
+    x, w = _rand(13, 4, 8), _rand(14, 8, 3)
+    _close(_kernels.matmul(x, w), x @ w)  # float32: plain @
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    t = jax.jvp(lambda x: _kernels.matmul(x, wb, custom_vjp=False), (xb,), (xb,))[1]  # forward mode
+    _close(t.astype(jnp.float32), (xb @ wb).astype(jnp.float32), 1e-2)
+
+
+def test_every_bf16_dot_of_a_bf16_lora_and_qlora_step_accumulates_in_float32():
+    """XLA:CPU takes its bf16 GEMM path only for bf16 x bf16 -> f32 dots; a bf16-output dot is its slow path."""
+    import re
+
+    import optax
+
+    from lora_jax import train
+    from lora_jax.models import llama
+
+    cfg = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    params = llama.init(jax.random.key(0), cfg, dtype=jnp.bfloat16)
+    target = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    for quantized in (False, True):
+        rules = [quant.QuantRule(pattern=target, format="nf4", block_size=16, dtype=jnp.bfloat16)]
+        p = quant.quantize(params, rules) if quantized else params
+        p = lora.init(jax.random.key(2), p, [lora.LoraRule(pattern=target, rank=4)])
+        tx = optax.adamw(1e-3)
+        state = train.init_state(p, tx, jax.random.key(3))
+        step = train.make_train_step(lambda p, b: llama.loss(p, b, cfg), tx)
+        hlo = jax.jit(step).lower(state, {"tokens": tokens}).as_text()
+        dots = re.findall(r"stablehlo.dot_general.*?:\s*\((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)", hlo)
+        assert dots, "no dot found in the lowered step"
+        rank2 = lambda t: t.count("x") == 2  # tensor<AxBxbf16>: a weight, a factor or a flattened activation
+        bf16_in = [d for d in dots if "bf16" in d[0] and "bf16" in d[1] and (rank2(d[0]) or rank2(d[1]))]
+        assert len(bf16_in) > 7 * cfg.n_layers, (quantized, len(bf16_in))  # the projections at least
+        slow = [d for d in bf16_in if "bf16" in d[2]]  # (attention's batched einsums are not counted)
+        assert not slow, f"bf16-output dots (quantized={quantized}): {slow[:3]}"

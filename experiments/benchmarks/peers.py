@@ -124,7 +124,8 @@ def build_ours(setup: str, params_np: dict, cfg, *, rank: int, alpha: int, lr: f
     dtype = jnp.bfloat16 if setup.endswith("_bf16") else jnp.float32
     params = jax.tree.map(lambda w: jnp.asarray(w, dtype), params_np)
     if name == "ours_qlora":
-        params = lj.quantize(params, [lj.QuantRule(pattern=ALL_SEVEN, format="nf4", block_size=64, double_quant=True)])
+        rule = lj.QuantRule(pattern=ALL_SEVEN, format="nf4", block_size=64, double_quant=True, dtype=dtype)
+        params = lj.quantize(params, [rule])
     if name == "ours_full":
         trainable = lj.paths.everything
     else:

@@ -14,10 +14,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax import _kernels
+
 PyTree = Any
 
 INIT_STD = 0.02
 """Standard deviation of random weights (Hugging Face's ``initializer_range``)."""
+
+
+def matmul(x: jax.Array, w: Any) -> jax.Array:
+    """``x @ w``; a bfloat16 array ``w`` times bfloat16 ``x`` accumulates in float32 (:func:`lora_jax._kernels.matmul`).
+
+    LoRA and quantized leaves keep their own ``@`` (they do the same inside).
+    """
+    return _kernels.matmul(x, w) if isinstance(w, jax.Array) else x @ w
 
 
 def linear(x: jax.Array, p: PyTree) -> jax.Array:
@@ -27,7 +37,7 @@ def linear(x: jax.Array, p: PyTree) -> jax.Array:
       >>> linear(jnp.ones((2, 3)), {"kernel": jnp.ones((3, 4)), "bias": jnp.arange(4.0)}).tolist()
       [[3.0, 4.0, 5.0, 6.0], [3.0, 4.0, 5.0, 6.0]]
     """
-    y = x @ p["kernel"]
+    y = matmul(x, p["kernel"])
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
     return y

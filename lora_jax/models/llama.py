@@ -304,7 +304,7 @@ def output_head(params: PyTree, config: LlamaConfig):
 
 def apply(params: PyTree, tokens_BT: jax.Array, config: LlamaConfig, **kwargs) -> jax.Array:
     """Logits ``(B, T, V)``; keyword arguments as :func:`hidden_states`."""
-    return hidden_states(params, tokens_BT, config, **kwargs) @ output_head(params, config)
+    return _layers.matmul(hidden_states(params, tokens_BT, config, **kwargs), output_head(params, config))
 
 
 def loss(params: PyTree, batch: dict, config: LlamaConfig, *, remat: bool = False):
@@ -327,7 +327,7 @@ def loss(params: PyTree, batch: dict, config: LlamaConfig, *, remat: bool = Fals
     hidden_BTD = hidden_states(params, tokens_BT, config, attention_mask_BT=batch.get("attention_mask"), remat=remat)
     # Drop the last position before the output head: slicing the (B, T, V)
     # logits instead would copy the largest tensor of the step.
-    logits_BTV = (hidden_BTD[:, :-1] @ output_head(params, config)).astype(jnp.float32)
+    logits_BTV = _layers.matmul(hidden_BTD[:, :-1], output_head(params, config)).astype(jnp.float32)
     targets_BT = tokens_BT[:, 1:]
     weights_BT = mask_BT[:, 1:].astype(jnp.float32)
     n = jnp.maximum(weights_BT.sum(), 1.0)
