@@ -5,6 +5,7 @@ every peer builds and trains one step, and that all frameworks start from the
 same loss on the same weights and tokens.
 """
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -84,13 +85,22 @@ def test_peers_main_runs_each_setup_in_a_clean_process(tmp_path, capsys):
     assert "| ours_lora |" in table and "ours_lora_best_over_peft_lora_best_pipelined" in table
 
 
-def test_gpu_script_runs_on_cpu_for_ours_and_peft():
-    import gpu
+def test_gpu_sh_runs_every_setup_on_cpu_with_the_tiny_shape(tmp_path):
+    import os
+    import subprocess
 
-    for setup in ("ours_qlora", "peft_lora"):
-        out = gpu.main(["--setup", setup, "--shape", "tiny", "--batch", "2", "--seq", "16", "--steps", "1",
-                        "--dtype", "float32"])
-        assert out["step_s"] > 0 and math.isfinite(out["initial_loss"]) and out["model_tflop"] > 0
+    env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), str(tmp_path), "tiny"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "failed or timed out" not in proc.stdout, proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert [(r["setup"], r["remat"]) for r in rows] == [
+        ("ours_lora", False), ("ours_qlora", False), ("peft_lora", False), ("ours_full", False), ("ours_qlora", True)]
+    assert "tiny: ours_lora_over_peft_lora" in proc.stdout
+    for r in rows:
+        assert r["step_s"] > 0 and r["step_s_pipelined"] > 0 and math.isfinite(r["initial_loss"])
+        assert r["mfu"] == pytest.approx(r["model_tflop"] / r["step_s"] / r["matmul_tflops"], rel=0.01)
 
 
 def test_train_step_benchmark_tiny():
