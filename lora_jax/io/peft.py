@@ -426,7 +426,8 @@ def import_peft(directory: PathLike, base_params: PyTree, model_kind: str | None
     dropout = float(config.get("lora_dropout") or 0.0)
     shown = f"target_modules={config.get('target_modules')!r}"
     new: dict[str, _lora.LoraWeight] = {}
-    for module, ab in factors.items():
+    natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]  # noqa: E731
+    for module, ab in sorted(factors.items(), key=lambda kv: natural(kv[0])):  # layer 2 before layer 10
         path = kernel_path(module, model_kind)
         if path is None:
             raise CheckpointError(f"{file}: module {module!r} has no counterpart in the built-in {model_kind} model")
