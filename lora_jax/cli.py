@@ -12,8 +12,9 @@ Heavy modules load inside each subcommand, so ``plot`` never imports JAX.
 Process-level choices belong here, not to ``import lora_jax``: before any
 subcommand runs, :func:`process_settings` applies the host allocator settings
 of :mod:`lora_jax.hostmem` (``LORA_JAX_MALLOC=system`` keeps the system's).
-Errors in the user's input (:class:`lora_jax.errors.LoraJaxError`, missing
-files) print as one paragraph with exit code 2; Ctrl-C says how to resume and
+Errors in the user's input (:class:`lora_jax.errors.LoraJaxError`, and OS
+errors on the paths it names, explained by :func:`explain_os_error`) print as
+one paragraph with exit code 2; Ctrl-C says how to resume and
 exits with 130; anything else is a bug and keeps its traceback.
 """
 
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
+from pathlib import Path
 
 from lora_jax import hostmem
 from lora_jax.errors import LoraJaxError
@@ -37,6 +40,60 @@ def process_settings() -> bool:
     whether those settings are in effect.
     """
     return hostmem.configure()
+
+
+# errno -> what it means for a path the user gave, and the fix (``{where}`` names the options that set it).
+_OS_ERRORS = {
+    errno.EISDIR: "is a folder where a file is expected; give the file itself",
+    errno.ENOTDIR: "a part of this path is a file where a folder is expected; {where}",
+    errno.EEXIST: "a file is in the way where a folder is needed; remove or rename it, or {where}",
+    errno.EACCES: "permission denied; {where}, or fix the folder's permissions",
+    errno.EPERM: "operation not permitted; {where}, or fix the folder's permissions",
+    errno.EROFS: "is on a read-only file system; {where}",
+    errno.ENOSPC: "no space left on the device; free some space or {where}",
+    errno.ENOENT: "no such file or folder; check the path (relative paths start from the current folder)",
+    errno.ENAMETOOLONG: "the name is too long for the file system; choose a shorter one",
+}
+_WHERE = {
+    "sweep": "choose another --output-dir (or output_dir in the config)",
+    "train": "choose another --output-dir or --run-name (or output_dir in the config)",
+    "plot": "copy the sweep folder somewhere writable and plot it there",
+}
+
+
+def explain_os_error(e: OSError, command: str) -> str:
+    """One paragraph for an OS error on a user's path: the path, what is wrong, and the fix.
+
+    Errors raised with a message of their own (no ``errno``) are returned as they are.
+
+    Examples:
+      >>> explain_os_error(IsADirectoryError(21, "Is a directory", "configs"), "sweep")
+      'configs: is a folder where a file is expected; give the file itself'
+      >>> explain_os_error(FileNotFoundError("adapter: no such adapter folder"), "eval")
+      'adapter: no such adapter folder'
+    """
+    what = _OS_ERRORS.get(e.errno) if e.errno is not None else None
+    if what is None:
+        return str(e)
+    where = _WHERE.get(command, "choose another path")
+    path = e.filename if e.filename is not None else "a path"
+    return f"{path}: {what.format(where=where)}"
+
+
+def check_adapter_folder(path: str, option: str = "--adapter") -> None:
+    """Refuse an adapter path that is missing or not a folder, before any model is loaded.
+
+    Raises:
+      FileNotFoundError: with the option named and what a folder must hold.
+    """
+    from lora_jax.io import adapters, peft
+
+    p = Path(path)
+    holds = f"the folder holding {adapters.ADAPTER_CONFIG} (lora-jax) or {peft.PEFT_CONFIG} (PEFT)"
+    if p.is_file():
+        raise FileNotFoundError(f"{option} {path}: is a file; give {holds}")
+    if not p.is_dir():
+        raise FileNotFoundError(f"{option} {path}: no such folder; give {holds}")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -84,9 +141,12 @@ def cmd_eval(a) -> int:
     from lora_jax import config
     from lora_jax.runner import build, evaluate
 
-    cfg = config.load_config(a.config, a.overrides)
+    cfg = dataclasses.replace(config.load_config(a.config, a.overrides), method="base")
+    if a.adapter:
+        check_adapter_folder(a.adapter)
+    build.validate_runs([("eval", cfg)])
     model = build.load_model(cfg.model)
-    ctx = build.prepare(dataclasses.replace(cfg, method="base"), model)
+    ctx = build.prepare(cfg, model)
     params = model.params
     if a.adapter:
         from lora_jax import adapters
@@ -98,14 +158,14 @@ def cmd_eval(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from lora_jax import generate
+    from lora_jax import adapters, generate
     from lora_jax.models import registry
 
+    specs = [adapters.parse_adapter_spec(s) for s in a.adapter]
+    for folder, _ in specs:
+        check_adapter_folder(folder)
     params, cfg, tok = registry.load_model(a.model, dequantize=not a.quantized)
-    if a.adapter:
-        from lora_jax import adapters
-
-        specs = [adapters.parse_adapter_spec(s) for s in a.adapter]
+    if specs:
         params = adapters.combine_adapters(params, specs)
     import jax
 
@@ -187,7 +247,11 @@ def main(argv=None) -> int:
         process_settings()
     try:
         return args.fn(args)
-    except (LoraJaxError, OSError, ModuleNotFoundError) as e:
+    except OSError as e:
+        # Files and folders the user named: the path, what is wrong with it and the fix; no traceback.
+        print(f"lora-jax {args.command}: error: {explain_os_error(e, args.command)}", file=sys.stderr)
+        return 2
+    except (LoraJaxError, ModuleNotFoundError) as e:
         # Input errors (configs, files, missing extras): one clear paragraph, no traceback.
         print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from lora_jax import config as C
+from lora_jax.data import get_task
 from lora_jax.errors import ConfigError
 from lora_jax.runner import build
 
@@ -87,3 +88,74 @@ def test_to_rules():
     assert rule.scale == pytest.approx(8 / 2)
     (qrule,) = build.quant_rules(C.QuantConfig(format="int8", block_size=0, double_quant=False), "bfloat16")
     assert (qrule.format, qrule.block_size, qrule.double_quant, str(qrule.dtype)) == ("int8", None, False, "bfloat16")
+
+
+# ----------------------------------------------------------------------------
+# Task limits, checked before any run starts (a tiny GGUF model whose tokenizer is byte-level ChatML)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from tiny_models import write_tiny_chat_gguf
+
+    return write_tiny_chat_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+def _run(gguf, tmp_path, method="lora", **task):
+    task = {"name": "python-docs-lm", "max_len": 64, "n_train": 8, "n_val": 4, **task}
+    for key in ("jsonl", "text"):
+        if key in task:
+            (tmp_path / f"data.{key}").write_text(task.pop(key))
+            task.update(name=key, path=str(tmp_path / f"data.{key}"))
+    return C.ExperimentConfig(method=method, model=C.ModelConfig(name=str(gguf)), task=C.TaskConfig(**task),
+                              train=C.TrainConfig(steps=2, batch_size=4))
+
+
+PAIR = '{"prompt": "2+2?", "completion": "4"}\n'
+
+
+@pytest.mark.parametrize(
+    "task, method, message",
+    [
+        ({"name": "code-summarization", "max_len": 64}, "lora",
+         r"task\.max_len=64 is too small for task 'code-summarization' with .*'s chat format: an example needs "
+         r"\d+ tokens .*; set task\.max_len >= \d+"),
+        ({"jsonl": PAIR * 8, "max_len": 16}, "base", r"task\.max_len=16 is too small for task 'jsonl'"),
+        ({"n_train": 2}, "lora", r"train\.batch_size=4 is larger than task\.n_train=2"),
+        ({"n_train": 2}, "full", r"train\.batch_size=4 is larger than task\.n_train=2"),
+        ({"jsonl": PAIR * 3, "n_train": None}, "lora", r"batch_size=4 is larger than the 3 examples of task\.path"),
+        ({"text": "short text\n", "n_train": None}, "lora", r"train\.batch_size=4 is larger than the 1 windows of 64"),
+        ({"jsonl": PAIR + "{oops\n"}, "lora", r"data\.jsonl:2: invalid JSON"),
+        ({"name": "code-summarization", "max_len": 400, "max_new_tokens": 200}, "base",
+         r"a prompt of up to 399 tokens plus the generated ones exceeds .*max_seq_len=512"),
+    ],
+)  # fmt: skip
+def test_task_limits_stop_the_sweep_before_it_starts(tiny_gguf, tmp_path, task, method, message):
+    cfg = _run(tiny_gguf, tmp_path, method, **task)
+    with pytest.raises(ConfigError, match=rf"^r1: .*{message}"):
+        build.validate_runs([("r1", cfg)])
+
+
+def test_task_limits_accept_what_the_run_accepts(tiny_gguf, tmp_path):
+    model = build.load_model(C.ModelConfig(name=str(tiny_gguf)))
+    cfg = _run(tiny_gguf, tmp_path, **{"name": "code-summarization", "max_len": 64})
+    task = get_task("code-summarization")
+    need = task.min_len(model.tokenizer, build.chat_format(model.tokenizer))
+    ok = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, max_len=need, n_eval_generate=0))
+    build.validate_runs([("r", ok)])
+    # The bound is tight: an example of one source token and one summary token fits max_len=need exactly.
+    from lora_jax.data.code_summaries import CodeSummary
+
+    tiny = CodeSummary(path="", qualname="", lineno=0, source="x", summary="y")
+    ex = task.tokenize(tiny, model.tokenizer, build.chat_format(model.tokenizer), max_len=need)
+    assert len(ex.ids) == need and int(ex.loss_mask.sum()) == 2
+    with pytest.raises(Exception, match="too small"):
+        task.tokenize(tiny, model.tokenizer, build.chat_format(model.tokenizer), max_len=need - 1)
+    jsonl = _run(tiny_gguf, tmp_path, **{"jsonl": PAIR * 4, "n_train": None})
+    build.validate_runs([("r", jsonl)])
+
+
+def test_a_data_path_that_is_a_folder_is_named(tiny_gguf, tmp_path):
+    cfg = _run(tiny_gguf, tmp_path, **{"name": "text", "path": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"r: task\.path: '.*' is a folder, not a file"):
+        build.validate_runs([("r", cfg)])

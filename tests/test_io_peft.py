@@ -22,7 +22,7 @@ from hf_models import (
 from safetensors.numpy import load_file, save_file
 from tiny_adapters import tiny_base
 
-from lora_jax import lora
+from lora_jax import lora, paths
 from lora_jax.errors import CheckpointError
 from lora_jax.io import peft as io_peft
 from lora_jax.models import bert, export_hf, llama, load_hf
@@ -142,8 +142,9 @@ def test_bert_peft_both_ways_and_merged(tmp_path):
 
 def _peft_dir(d: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    base = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
-    (d / "adapter_config.json").write_text(json.dumps({**base, **(config or {})}))
+    base = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["model.layers.0.self_attn.q_proj"]}
+    merged = {k: v for k, v in {**base, **(config or {})}.items() if v is not ...}  # ... drops a key
+    (d / "adapter_config.json").write_text(json.dumps(merged))
     if tensors is None:
         tensors = {
             "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 32), np.float32),
@@ -168,7 +169,30 @@ def test_import_hand_written_peft(tmp_path):
         ({"use_dora": True}, None, r"use_dora=True is not supported \(a LoRA node holds A and B only\)"),
         ({"bias": "all"}, None, "bias='all' is not supported"),
         ({"modules_to_save": ["lm_head"]}, None, r"modules_to_save=\['lm_head'\] is not supported"),
-        ({"rank_pattern": {"q_proj": 3}}, None, "has rank 2 but adapter_config.json gives r=3"),
+        ({"rank_pattern": {"q_proj": 3}}, None,
+         r"rank_pattern\['q_proj'\]=3 disagrees with the tensors: module 'model.layers.0.self_attn.q_proj' has rank 2"),
+        ({"r": 4}, None, "r=4 disagrees with the tensors: module 'model.layers.0.self_attn.q_proj' has rank 2"),
+        ({"r": ...}, None, "r is missing; PEFT writes it with every LoRA adapter"),
+        ({"lora_alpha": ...}, None, "lora_alpha is missing; PEFT writes it with every LoRA adapter"),
+        ({"r": 0}, None, "r=0; a rank must be a whole number >= 1"),
+        ({"r": "2"}, None, "r='2'; a rank must be a whole number >= 1"),
+        ({"lora_alpha": float("nan")}, None, "lora_alpha=nan; lora_alpha must be a finite number"),
+        ({"alpha_pattern": {"q_proj": float("inf")}}, None,
+         r"alpha_pattern\['q_proj'\]=inf; lora_alpha must be a finite number"),
+        ({"lora_dropout": 1.5}, None, r"lora_dropout=1.5; it must be a number in \[0, 1\)"),
+        # target_modules against the tensors (PEFT's semantics; the tiny base has two layers)
+        ({"target_modules": ["q_proj"]}, None,
+         r"target_modules=\['q_proj'\] selects module 'model.layers.1.self_attn.q_proj' "
+         r"\(layers/1/attn/q_proj/kernel\), but adapter_model.safetensors has no lora_A/lora_B for it"),
+        ({"target_modules": ["v_proj"]}, None,
+         r"target_modules=\['v_proj'\] does not select module 'model.layers.0.self_attn.q_proj', but "
+         "adapter_model.safetensors holds its factors"),
+        ({"target_modules": r".*\.k_proj"}, None, "does not select module 'model.layers.0.self_attn.q_proj'"),
+        ({"target_modules": "all-linear"}, None, "selects module 'model.layers.0.self_attn.k_proj'"),
+        ({"target_modules": ["q_proj"], "exclude_modules": ["model.layers.0.self_attn.q_proj"]}, None,
+         "does not select module 'model.layers.0.self_attn.q_proj'"),
+        ({"target_modules": "(unclosed"}, None, r"target_modules='\(unclosed' is not a valid regular expression"),
+        ({"target_modules": 3}, None, "target_modules=3: expected a list of module names or a regex string"),
         ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 32), np.float32)},
          "has lora_A but not both lora_A and lora_B"),
         ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": np.ones((2, 64), np.float32)},
@@ -189,6 +213,52 @@ def test_import_peft_errors(tmp_path, config, tensors, match):
     d = _peft_dir(tmp_path / "p", config, tensors)
     with pytest.raises(CheckpointError, match=match):
         io_peft.import_peft(d, tiny_base(), "llama")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"target_modules": ["q_proj"], "layers_to_transform": [0]},
+        {"target_modules": ["q_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+        {"target_modules": r"model\.layers\.0\.self_attn\.q_proj"},
+        {"target_modules": ["q_proj"], "exclude_modules": r".*layers\.1\..*"},
+        {"target_modules": ["layers.0.self_attn.q_proj", "c_attn"]},  # c_attn: another architecture
+    ],
+)
+def test_import_peft_accepts_target_modules_that_select_exactly_the_tensors(tmp_path, config):
+    adapted = io_peft.import_peft(_peft_dir(tmp_path / "p", config), tiny_base(), "llama")
+    (path, node), = lora.nodes(adapted)  # fmt: skip
+    assert path == "layers/0/attn/q_proj/kernel" and node.scale == 2.0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"target_modules": ["q_proj", "down_proj"]},
+        {"target_modules": ["model.layers.1.self_attn.v_proj", "mlp.up_proj"]},
+        {"target_modules": ["q_proj"], "layers_to_transform": [1]},
+        {"target_modules": ["k_proj", "gate_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+        {"target_modules": r".*\.(q|v)_proj"},
+        {"target_modules": r"model\.layers\.1\.mlp\..*"},
+        {"target_modules": ["q_proj", "up_proj"], "exclude_modules": ["model.layers.0.mlp.up_proj"]},
+        {"target_modules": ["o_proj"], "exclude_modules": r".*\.1\.self_attn\.o_proj"},
+        {"target_modules": None},  # PEFT's default for Llama: q_proj and v_proj
+    ],
+)
+def test_targeted_agrees_with_peft(config):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    theirs_config = peft.LoraConfig(**config)
+    if theirs_config.target_modules is None:  # PEFT fills the default in when it wraps a model
+        theirs_config.target_modules = {"q_proj", "v_proj"}
+    select = io_peft.targeted(config, "llama")
+    names = [io_peft.hf_module_name(p, "llama") for p, _ in paths.leaves_with_paths(tiny_base())]
+    names = [n for n in names if n]
+    assert len(names) == 14
+    ours = {n for n in names if select(n)}
+    assert ours == {n for n in names if check_target_module_exists(theirs_config, n)}
+    assert ours  # each case selects something
 
 
 def test_import_peft_file_errors(tmp_path):
@@ -219,7 +289,7 @@ def test_import_peft_file_errors(tmp_path):
     with pytest.raises(ValueError, match=r"model_kind must be one of \('llama', 'bert'\), got 'gpt2'"):
         io_peft.import_peft(d, params, "gpt2")
     save_file({"x": np.zeros(2, np.int32)}, str(f))
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
     with pytest.raises(CheckpointError, match="tensor 'x' has dtype I32; LoRA factors must be floats"):
         io_peft.import_peft(d, params)
 

@@ -63,6 +63,12 @@ def test_figures_leave_pyplot_and_the_backend_alone(tmp_path):
         (lambda text: text.replace(",2.4\n", "\n"), "fewer cells than the header"),
         (lambda text: text.replace(",2.4\n", ",about two\n"), "column 'val_loss' holds 'about two'"),
         (lambda text: text.replace("run,", "name,", 1), "lacks ['run']"),
+        (lambda text: text.replace("lora_r4,", "../../up,"), "sweep/results.csv:4: run '../../up' has a path"),
+        (lambda text: text.replace("lora_r4,", "a/b,"), "run 'a/b' has a path separator or '..'"),
+        (lambda text: text.replace("lora_r4,", "..,"), "run '..' has a path separator"),
+        (lambda text: text.replace("lora_r4,", "/etc,"), "run '/etc' is an absolute path"),
+        (lambda text: text.replace("lora_r4,", "a\0b,"), r"run 'a\x00b' holds a NUL character"),
+        (lambda text: text.replace("lora_r4,", ","), "run '' is empty"),
     ],
 )
 def test_a_damaged_results_csv_names_the_problem(tmp_path, edit, message):

@@ -14,7 +14,9 @@
 
 Every task has ``name``, ``kind`` (``"generation"`` or ``"lm"``), ``splits()``,
 ``examples(split)``, ``dataset_hash``, ``info()``, ``tokenize(example, tokenizer,
-format_chat, max_len)`` and ``tokenize_split(split, ...)`` (what training reads).
+format_chat, max_len)``, ``tokenize_split(split, ...)`` (what training reads) and
+``min_len(tokenizer, format_chat)`` (the fewest tokens an example can fit in:
+the smallest ``max_len`` that leaves a target token; checked before a run starts).
 Generation tasks add ``prompt_for_generation(example, format_chat)``,
 ``reference(example)`` and ``score(predictions, references)``.
 
@@ -107,6 +109,11 @@ class CodeSummarization:
     def tokenize_split(self, split, tokenizer, format_chat: ChatFormat | None = None, max_len: int = 512):
         return _tokenize_all(self, split, tokenizer, format_chat, max_len)
 
+    def min_len(self, tokenizer, format_chat: ChatFormat | None = None) -> int:
+        """The prompt template, one token of source, one of summary and the end token."""
+        empty = code_summaries.CodeSummary(path="", qualname="", lineno=0, source="", summary="")
+        return len(self.tokenize(empty, tokenizer, format_chat, max_len=1 << 30).ids) + 2
+
     def prompt_for_generation(self, example, format_chat: ChatFormat | None = None) -> str:
         """The full prompt text (untruncated; ``tokenize(...).ids[:prompt_len]`` is the truncated one)."""
         return (format_chat or encoding.plain_chat)(self.messages(example))
@@ -156,6 +163,10 @@ class _LanguageModelling:
         """The split's documents packed into windows of ``max_len`` tokens."""
         enc = encoding.as_encoder(tokenizer)
         return encoding.pack_windows([enc.encode(d.text) for d in self.examples(split)], max_len, enc)
+
+    def min_len(self, tokenizer=None, format_chat=None) -> int:
+        """A window needs a token of context and one target."""
+        return 2
 
 
 class PythonDocsLM(_LanguageModelling):
@@ -242,6 +253,11 @@ class ChatFiles:
 
     def tokenize_split(self, split, tokenizer, format_chat: ChatFormat | None = None, max_len: int = 512):
         return _tokenize_all(self, split, tokenizer, format_chat, max_len)
+
+    def min_len(self, tokenizer, format_chat: ChatFormat | None = None) -> int:
+        """The chat template around an empty user turn, and the end token of the answer."""
+        empty = files.Conversation(({"role": "user", "content": ""}, {"role": "assistant", "content": ""}), "")
+        return len(self.tokenize(empty, tokenizer, format_chat, max_len=1 << 30).ids)
 
     def _last_answer(self, example) -> int:
         return max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")

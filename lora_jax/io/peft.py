@@ -51,8 +51,9 @@ _HF_ROLES = {
         "mlp/down_proj": "output.dense",
     },
 }
-_HF_LAYER = {"llama": "model.layers.{}.", "bert": "encoder.layer.{}."}
-_HF_LAYER_RE = {"llama": r"(?:model\.)?layers\.(\d+)\.(.+)", "bert": r"(?:bert\.)?encoder\.layer\.(\d+)\.(.+)"}
+_HF_LAYER = {"llama": "layers.{}.", "bert": "encoder.layer.{}."}
+_HF_PREFIX = {"llama": "model.", "bert": ""}  # before the layer list in LlamaForCausalLM / BertModel
+_HF_LAYER_RE = {"llama": r"(model\.)?layers\.(\d+)\.(.+)", "bert": r"(bert\.)?encoder\.layer\.(\d+)\.(.+)"}
 _HF_TOP = {"llama": {"lm_head": "lm_head"}, "bert": {}}
 # Short names PEFT would also match in modules our models do not have (BERT's pooler.dense).
 _AMBIGUOUS = {"llama": set(), "bert": {"dense"}}
@@ -67,8 +68,11 @@ def _kind(model_kind: str | None, params: PyTree) -> str:
     return model_kind
 
 
-def hf_module_name(path: str, model_kind: str) -> str | None:
+def hf_module_name(path: str, model_kind: str, prefix: str | None = None) -> str | None:
     """Return the Hugging Face module name of one of our kernel paths (``None`` if it has none).
+
+    ``prefix`` goes before the layer list (default ``model.`` for Llama, none
+    for BERT: ``LlamaForCausalLM`` and ``BertModel`` naming).
 
     Examples:
       >>> hf_module_name("layers/3/attn/q_proj/kernel", "llama")
@@ -81,7 +85,8 @@ def hf_module_name(path: str, model_kind: str) -> str | None:
         return _HF_TOP[model_kind][path]
     m = re.fullmatch(r"layers/(\d+)/(.+)/kernel", path)
     if m and m.group(2) in _HF_ROLES[model_kind]:
-        return _HF_LAYER[model_kind].format(m.group(1)) + _HF_ROLES[model_kind][m.group(2)]
+        prefix = _HF_PREFIX[model_kind] if prefix is None else prefix
+        return prefix + _HF_LAYER[model_kind].format(m.group(1)) + _HF_ROLES[model_kind][m.group(2)]
     return None
 
 
@@ -98,8 +103,8 @@ def kernel_path(module: str, model_kind: str) -> str | None:
     m = re.fullmatch(_HF_LAYER_RE[model_kind], module)
     if m:
         roles = {v: k for k, v in _HF_ROLES[model_kind].items()}
-        if m.group(2) in roles:
-            return f"layers/{m.group(1)}/{roles[m.group(2)]}/kernel"
+        if m.group(3) in roles:
+            return f"layers/{m.group(2)}/{roles[m.group(3)]}/kernel"
     return None
 
 
@@ -222,12 +227,120 @@ def export_peft(
     return directory
 
 
-def _pattern_value(patterns: dict, module: str, default: Any) -> Any:
-    """PEFT's rule for ``rank_pattern`` / ``alpha_pattern``: the first key matching the end of the name."""
+def _pattern_value(patterns: dict, module: str, field: str, default: Any) -> tuple[str, Any]:
+    """PEFT's rule for ``rank_pattern`` / ``alpha_pattern``: the first key matching the end of the name.
+
+    Returns ``(where, value)``: ``where`` names the field the value came from.
+    """
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+            return f"{field}[{key!r}]", value
+    return ("r" if field == "rank_pattern" else "lora_alpha"), default
+
+
+# PEFT's target_modules when a config gives none (peft.utils.constants, LoRA).
+_DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}
+
+
+def targeted(config: dict, model_kind: str) -> Any:
+    """The modules a PEFT LoRA config selects, as a predicate on full module names.
+
+    Follows ``peft.tuners.tuners_utils.check_target_module_exists``:
+    ``target_modules`` is a list of names (a module is selected when its name
+    equals one or ends with ``.<name>``, restricted to ``layers_to_transform``
+    when given), a regex string (``re.fullmatch`` on the full name) or
+    ``"all-linear"`` (every linear layer but the output head); ``exclude_modules``
+    (same forms) removes modules; no ``target_modules`` means PEFT's default for
+    the architecture (``q_proj``/``v_proj``, ``query``/``value``).
+
+    Raises:
+      CheckpointError: a field of the wrong type or a regex that does not compile.
+
+    Examples:
+      >>> sel = targeted({"target_modules": ["q_proj"], "layers_to_transform": [1]}, "llama")
+      >>> sel("model.layers.1.self_attn.q_proj"), sel("model.layers.0.self_attn.q_proj")
+      (True, False)
+      >>> targeted({"target_modules": r".*\.(query|key)"}, "bert")("encoder.layer.0.attention.self.key")
+      True
+    """
+    targets = config.get("target_modules")
+    if targets is None and config.get("target_parameters") is None:
+        targets = _DEFAULT_TARGETS[model_kind]
+    names = _names_field(config, "target_modules", targets)
+    exclude = _names_field(config, "exclude_modules", config.get("exclude_modules"))
+    layers = config.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+        raise CheckpointError(f"layers_to_transform={layers!r}: expected a layer index or a list of them")
+    patterns = config.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+
+    def listed(key: str, items) -> bool:
+        return key in items or any(key.endswith(f".{t}") for t in items)
+
+    def layer_ok(key: str) -> bool:
+        if not layers:
+            return True
+        m = None
+        for pat in patterns or [None]:
+            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\." if pat else r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+            if m:
+                break
+        return m is not None and int(m.group("idx")) in layers
+
+    def excluded(key: str) -> bool:
+        if exclude is None:
+            return False
+        return bool(exclude.fullmatch(key)) if isinstance(exclude, re.Pattern) else listed(key, exclude)
+
+    def select(key: str) -> bool:
+        if excluded(key):
+            return False
+        if isinstance(names, re.Pattern):
+            return bool(names.fullmatch(key))
+        if names == "all-linear":
+            return key != "lm_head" and not key.endswith(".lm_head")
+        return bool(names) and listed(key, names) and layer_ok(key)
+
+    return select
+
+
+def _names_field(config: dict, field: str, value: Any) -> Any:
+    """A ``target_modules``-like field as a list of names, a compiled regex, ``"all-linear"`` or ``None``."""
+    if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    if isinstance(value, str):
+        if field == "target_modules" and value.lower() == "all-linear":
+            return "all-linear"
+        try:
+            return re.compile(value)
+        except re.error as e:
+            raise CheckpointError(f"{field}={value!r} is not a valid regular expression ({e})") from None
+    raise CheckpointError(f"{field}={value!r}: expected a list of module names or a regex string")
+
+
+def _check_numbers(cfg_file: Path, config: dict) -> None:
+    """``r``, ``lora_alpha``, the patterns and ``lora_dropout`` must be numbers PEFT could have written."""
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    fix = "the file was edited or corrupted; restore it from the adapter's source or save the adapter again"
+    for field in ("r", "lora_alpha"):
+        if field not in config:
+            raise CheckpointError(f"{cfg_file}: {field} is missing; PEFT writes it with every LoRA adapter ({fix})")
+    ranks = {"r": config["r"], **{f"rank_pattern[{k!r}]": v for k, v in (config.get("rank_pattern") or {}).items()}}
+    for where, v in ranks.items():
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise CheckpointError(f"{cfg_file}: {where}={v!r}; a rank must be a whole number >= 1 ({fix})")
+    alphas = {"lora_alpha": config["lora_alpha"],
+              **{f"alpha_pattern[{k!r}]": v for k, v in (config.get("alpha_pattern") or {}).items()}}
+    for where, v in alphas.items():
+        if not is_num(v):
+            raise CheckpointError(f"{cfg_file}: {where}={v!r}; lora_alpha must be a finite number ({fix})")
+    dropout = config.get("lora_dropout") or 0.0
+    if not (is_num(dropout) and 0 <= dropout < 1):
+        raise CheckpointError(f"{cfg_file}: lora_dropout={dropout!r}; it must be a number in [0, 1) ({fix})")
 
 
 _PEFT_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight")
@@ -267,8 +380,12 @@ def import_peft(directory: PathLike, base_params: PyTree, model_kind: str | None
       FileNotFoundError: a file is missing.
       CheckpointError: pickle-only weights (``adapter_model.bin``), a corrupted
         file, a PEFT feature a LoRA node cannot hold (DoRA, trained biases,
-        ``modules_to_save``, ...), an unknown tensor name, or a shape that does
-        not fit the base (the first one is named).
+        ``modules_to_save``, ...), an unknown tensor name, a shape that does
+        not fit the base, ``r`` / ``lora_alpha`` missing or not a finite
+        number, a rank that disagrees with ``r`` / ``rank_pattern``, or
+        ``target_modules`` (PEFT's semantics: :func:`targeted`) that disagree
+        with the tensors: factors of an unselected module, or a selected
+        module without factors (the field and the first module are named).
     """
     model_kind = _kind(model_kind, base_params)
     directory = Path(directory)
@@ -292,6 +409,11 @@ def import_peft(directory: PathLike, base_params: PyTree, model_kind: str | None
                 "convert once, in an environment you trust: PeftModel.from_pretrained(model, DIR).save_pretrained(DIR)"
             )
         raise FileNotFoundError(f"{file}: missing PEFT adapter weights")
+    _check_numbers(cfg_file, config)
+    try:
+        select = targeted(config, model_kind)
+    except CheckpointError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
     tensors = read_safetensors(file)
     factors: dict[str, dict[str, np.ndarray]] = {}
     for name, x in tensors.items():
@@ -301,10 +423,11 @@ def import_peft(directory: PathLike, base_params: PyTree, model_kind: str | None
         factors.setdefault(m.group("module"), {})[m.group("ab")] = x
     leaves, treedef = base_leaves(base_params)
     by_path = dict(leaves)
-    r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
     dropout = float(config.get("lora_dropout") or 0.0)
+    shown = f"target_modules={config.get('target_modules')!r}"
     new: dict[str, _lora.LoraWeight] = {}
-    for module, ab in factors.items():
+    natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]  # noqa: E731
+    for module, ab in sorted(factors.items(), key=lambda kv: natural(kv[0])):  # layer 2 before layer 10
         path = kernel_path(module, model_kind)
         if path is None:
             raise CheckpointError(f"{file}: module {module!r} has no counterpart in the built-in {model_kind} model")
@@ -312,15 +435,33 @@ def import_peft(directory: PathLike, base_params: PyTree, model_kind: str | None
             raise CheckpointError(f"{file}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
         if path not in by_path:
             raise no_such_path(file, path, leaves)
+        if not select(module):
+            raise CheckpointError(
+                f"{cfg_file}: {shown} does not select module {module!r}, but {PEFT_TENSORS} holds its factors "
+                "(PEFT would not load them); add the module to target_modules or remove its tensors"
+            )
         a, b = ab["A"].T, ab["B"].T
         check_factors(file, f"{module} -> {path}", by_path[path], a, b, 1)
-        r = _pattern_value(config.get("rank_pattern") or {}, module, r0)
+        where, r = _pattern_value(config.get("rank_pattern") or {}, module, "rank_pattern", config["r"])
         if r != a.shape[1]:
-            raise CheckpointError(f"{file}: {module!r} has rank {a.shape[1]} but {PEFT_CONFIG} gives r={r}")
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha0))
-        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+            raise CheckpointError(
+                f"{cfg_file}: {where}={r} disagrees with the tensors: module {module!r} has rank {a.shape[1]} "
+                f"in {PEFT_TENSORS}; set {where} to {a.shape[1]} (or the file is corrupted)"
+            )
+        _, alpha = _pattern_value(config.get("alpha_pattern") or {}, module, "alpha_pattern", config["lora_alpha"])
+        scale = float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
         new[path] = _lora.LoraWeight(by_path[path], jnp.asarray(a), jnp.asarray(b), scale, 1, dropout)
     if not new:
         raise CheckpointError(f"{file}: no LoRA tensors")
+    layer = (re.fullmatch(_HF_LAYER_RE[model_kind], m) for m in factors)
+    prefix = next((m.group(1) or "" for m in layer if m), None)
+    for path, _ in leaves:
+        module = hf_module_name(path, model_kind, prefix)
+        if module is not None and path not in new and select(module):
+            raise CheckpointError(
+                f"{cfg_file}: {shown} selects module {module!r} ({path}), but {PEFT_TENSORS} has no lora_A/lora_B "
+                "for it (PEFT would leave it untrained); the tensors are missing or target_modules was edited: "
+                "name only the adapted modules in target_modules"
+            )
     return treedef.unflatten([new.get(p, x) for p, x in leaves])
 

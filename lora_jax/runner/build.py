@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from lora_jax.config import ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, QuantConfig
 
 __all__ = [
-    "LoadedModel", "RunContext", "build_params", "chat_format", "check_against_model", "load_model", "lora_rules",
-    "loss_fn", "make_lr_schedule", "make_optimizer", "param_shapes", "prepare", "quant_rules", "validate_runs",
+    "LoadedModel", "RunContext", "build_params", "chat_format", "check_against_model", "check_task_limits",
+    "load_model", "lora_rules", "loss_fn", "make_lr_schedule", "make_optimizer", "param_shapes", "prepare",
+    "quant_rules", "validate_runs",
 ]
 
 
@@ -293,28 +294,80 @@ def prepare(cfg: ExperimentConfig, model: LoadedModel) -> RunContext:
     return RunContext(cfg, model, task, train_data, _data.pad_examples(val, T, pad_id=pad_id), params, info)
 
 
+def check_task_limits(cfg: ExperimentConfig, model: LoadedModel, task: Any) -> list[str]:
+    """The problems of a run's task settings that its config, model and data files alone determine.
+
+    Each would otherwise stop the run only after it started: a ``task.max_len``
+    that leaves no target token once the task's prompt template is in, fewer
+    training examples than ``train.batch_size`` (``task.n_train`` or the data
+    file), or a prompt and ``task.max_new_tokens`` longer than the model allows
+    when generation metrics are on. Returns one line per problem (empty if none).
+    """
+    t, errors = cfg.task, []
+    fmt = chat_format(model.tokenizer)
+    need = task.min_len(model.tokenizer, fmt)
+    if t.max_len < need:
+        what = "its prompt template, a token of text and of answer, and the end token" if task.kind == "generation" \
+            else "a token of context and one to predict"
+        errors.append(f"task.max_len={t.max_len} is too small for task {t.name!r} with {cfg.model.name}'s "
+                      f"{'chat format' if fmt else 'plain prompt format'}: an example needs {need} tokens ({what}); "
+                      f"set task.max_len >= {need}")
+    bs = cfg.train.batch_size
+    if cfg.method != "base":
+        if t.n_train is not None and t.n_train < bs:
+            errors.append(f"train.batch_size={bs} is larger than task.n_train={t.n_train}: a step takes batch_size "
+                          "training examples; lower train.batch_size or raise task.n_train")
+        elif t.name == "jsonl" and len(task.examples("train")) < bs:
+            errors.append(f"train.batch_size={bs} is larger than the {len(task.examples('train'))} examples of "
+                          f"task.path {t.path!r}; lower train.batch_size or add examples")
+        elif t.name == "text":
+            windows = len(task.tokenize_split("train", model.tokenizer, fmt, t.max_len))
+            if windows < bs:
+                errors.append(f"train.batch_size={bs} is larger than the {windows} windows of {t.max_len} tokens in "
+                              f"task.path {t.path!r}; lower train.batch_size or task.max_len, or add text")
+    limit = getattr(model.config, "max_seq_len", None)
+    if task.kind == "generation" and t.n_eval_generate and limit and t.max_len - 1 + t.max_new_tokens > limit:
+        errors.append(f"task.max_len={t.max_len} and task.max_new_tokens={t.max_new_tokens}: a prompt of up to "
+                      f"{t.max_len - 1} tokens plus the generated ones exceeds {cfg.model.name}'s max_seq_len="
+                      f"{limit}; lower one of them (or set task.n_eval_generate: 0)")
+    return errors
+
+
 def validate_runs(runs: list[tuple[str, ExperimentConfig]]) -> None:
     """Check every run of a sweep against its model and data files before any run starts.
 
     A problem the config alone determines (a target that matches nothing, a
-    rank a matrix cannot hold, a block size that does not divide, a missing
-    data file) stops the whole command here instead of failing each run after
-    the model was built. The model is loaded for its parameter shapes and
-    kept for the first run (the cache holds one model: a sweep over several
-    models loads each again when its runs start).
+    rank a matrix cannot hold, a block size that does not divide, a missing or
+    malformed data file, a ``task.max_len`` too small for the task's prompt, a
+    batch larger than the data: :func:`check_task_limits`) stops the whole
+    command here instead of failing each run after the model was built. The
+    model is loaded for its parameter shapes and tokenizer and kept for the
+    first run (the cache holds one model: a sweep over several models loads
+    each again when its runs start).
 
     Raises:
       ConfigError: every problem of every run, each prefixed with the run's name.
     """
     errors: list[str] = []
+    tasks: dict[tuple, Any] = {}
     for name, cfg in runs:
         t = cfg.task
         if t.name in ("jsonl", "text") and t.path and not Path(t.path).is_file():
-            errors.append(f"{name}: task.path: {t.path!r} is not a file (relative paths start from {Path.cwd()})")
+            what = "a folder, not a file" if Path(t.path).is_dir() else "not a file"
+            errors.append(f"{name}: task.path: {t.path!r} is {what} (relative paths start from {Path.cwd()})")
+            continue
+        model = load_model(cfg.model)
+        try:
+            key = (t.name, t.path)
+            if key not in tasks:
+                tasks[key] = _task(cfg)
+            errors += [f"{name}: {line}" for line in check_task_limits(cfg, model, tasks[key])]
+        except DataError as e:
+            errors.append(f"{name}: {e}")
         if cfg.method not in ("lora", "qlora"):
             continue
         try:
-            check_against_model(cfg, param_shapes(load_model(cfg.model)))
+            check_against_model(cfg, param_shapes(model))
         except ConfigError as e:
             errors += [f"{name}: {line}" for line in e.errors]
     if errors:
