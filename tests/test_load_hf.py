@@ -460,6 +460,18 @@ def test_index_disagrees_with_shards(tmp_path):
         load_hf.load(d)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "..", ""])
+def test_index_shard_names_stay_in_the_model_folder(tmp_path, shard):
+    d = _tiny_bert_dir(tmp_path / "m")
+    _shard(d)
+    (tmp_path / "outside.safetensors").write_bytes((d / "model-00002-of-00002.safetensors").read_bytes())
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: (shard if v.startswith("model-00002") else v) for k, v in index["weight_map"].items()}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"shard name .* is not a file name in the model folder"):
+        load_hf.load(d)
+
+
 def test_missing_tokenizer(tmp_path):
     d = _tiny_bert_dir(tmp_path / "m")
     (d / "tokenizer.json").unlink()

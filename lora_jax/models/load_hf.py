@@ -97,7 +97,13 @@ def _weight_files(directory: Path, auto_class: str) -> list[Path]:
             raise CheckpointError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
         files = []
         for shard in dict.fromkeys(weight_map.values()):
-            file = directory / str(shard)
+            name = str(shard)
+            if not name or Path(name).name != name or name in (".", "..") or "\\" in name or "\0" in name:
+                raise CheckpointError(
+                    f"{index}: shard name {name!r} is not a file name in the model folder; a weight_map names "
+                    "shard files beside the index (e.g. 'model-00001-of-00002.safetensors')"
+                )
+            file = directory / name
             if not file.is_file():
                 raise FileNotFoundError(f"{file}: shard listed in {index.name} is missing")
             files.append(file)
