@@ -15,6 +15,7 @@ import csv
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,12 +24,15 @@ import threading
 from pathlib import Path
 
 import pytest
-import yaml
-from tiny_models import write_tiny_chat_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "reliability"))
+
+import faults  # noqa: E402
+
 STEPS = 6  # checkpoints at 2, 4, 6; a mid-run evaluation at step 3
-RUNS = ["base", "lora"]
+SWEEP, LORA = "faults", "lora_r2"
+RUNS = ["base", LORA]
 EQUAL = ["status", "steps", "trainable_params", "total_params", "base_bytes", "train_loss", "val_loss", "val_ppl"]
 PRESENT = ["step_time_s", "tokens_per_s", "wall_s", "peak_rss_mb"]
 
@@ -80,17 +84,9 @@ def setup(tmp_path_factory):
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     with open(d / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (d / "ref" / "t" / "results.csv").exists():
-            model = write_tiny_chat_gguf(d / "tiny.gguf")
-            cfg = {
-                "name": "t", "seed": 0, "method": "lora", "model": {"name": str(model)},
-                "task": {"name": "python-docs-lm", "max_len": 32, "n_train": 32, "n_val": 8},
-                "lora": {"rank": 2, "alpha": 4, "dropout": 0.1}, "optim": {"name": "adamw", "lr": 3e-3},
-                "train": {"steps": STEPS, "batch_size": 2, "log_every": 1, "checkpoint_every": 2, "eval_every": 3,
-                          "eval_batches": 1},
-                "sweep": {"method": RUNS},
-            }
-            (d / "c.yaml").write_text(yaml.safe_dump(cfg))
+        if not (d / "ref" / SWEEP / "results.csv").exists():
+            cfg = faults.write_config(d, STEPS, [2])  # the tiny sweep of the random fault script, 2 runs
+            cfg.rename(d / "c.yaml")
             (d / "harness.py").write_text(HARNESS)
             ref = sweep(d, d / "ref", env)
             assert ref.returncode == 0, ref.stderr[-3000:]
@@ -106,7 +102,7 @@ def sweep(d: Path, out: Path, env: dict, spec: dict | None = None) -> subprocess
 
 
 def summaries(out: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in (out / "t").glob("*/summary.json")}
+    return {p.parent.name: json.loads(p.read_text()) for p in (out / SWEEP).glob("*/summary.json")}
 
 
 def metrics_steps(run_dir: Path) -> list[int]:
@@ -123,7 +119,7 @@ def assert_matches_reference(d: Path, out: Path, finished: dict[str, int]) -> di
     """The re-run's files equal the uninterrupted run's; return its summaries."""
     ref, got = summaries(d / "ref"), summaries(out)
     assert sorted(got) == sorted(RUNS)
-    with open(out / "t" / "results.csv", newline="") as f:
+    with open(out / SWEEP / "results.csv", newline="") as f:
         assert [r["run"] for r in csv.DictReader(f)] == RUNS  # one row per run
     for run in RUNS:
         for k in EQUAL:
@@ -131,18 +127,18 @@ def assert_matches_reference(d: Path, out: Path, finished: dict[str, int]) -> di
         for k in PRESENT:
             if ref[run][k] is not None:
                 assert got[run][k] is not None and got[run][k] > 0, (run, k)
-    lines = [json.loads(x) for x in (out / "t" / "lora" / "metrics.jsonl").read_text().splitlines()]
-    ref_lines = [json.loads(x) for x in (d / "ref" / "t" / "lora" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / SWEEP / LORA / "metrics.jsonl").read_text().splitlines()]
+    ref_lines = [json.loads(x) for x in (d / "ref" / SWEEP / LORA / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, STEPS + 1)), "each step logged once"
     for k in ("loss", "grad_norm", "lr", "val_loss"):
         assert [r.get(k) for r in lines] == [r.get(k) for r in ref_lines], k
-    adapter = "lora/adapter/adapter.safetensors"
-    assert (out / "t" / adapter).read_bytes() == (d / "ref" / "t" / adapter).read_bytes()
+    adapter = f"{LORA}/adapter/adapter.safetensors"
+    assert (out / SWEEP / adapter).read_bytes() == (d / "ref" / SWEEP / adapter).read_bytes()
     for run, mtime in finished.items():  # a finished run is not run again
-        assert (out / "t" / run / "summary.json").stat().st_mtime_ns == mtime, f"{run} was run again"
+        assert (out / SWEEP / run / "summary.json").stat().st_mtime_ns == mtime, f"{run} was run again"
     left = [p.relative_to(out) for p in out.rglob("*") if p.name in ("ckpt", ".lora-jax.lock") or p.suffix == ".tmp"]
     assert not left, left
-    assert (out / "t" / "figures" / "val_loss_vs_rank.png").exists()
+    assert (out / SWEEP / "figures" / "val_loss_vs_rank.png").exists()
     return got
 
 
@@ -155,17 +151,17 @@ def run_chain(d: Path, env: dict, out: Path, chain: list) -> dict[str, dict]:
     Then the command runs cleanly and must give the uninterrupted result.
     """
     finished: dict[str, int] = {}
-    lock = out / "t" / ".lora-jax.lock"
+    lock = out / SWEEP / ".lora-jax.lock"
     for moment, spec, code, check in chain:
         stale = lock.exists()
         r = sweep(d, out, env, spec)
         assert r.returncode == code, (moment, r.returncode, r.stderr[-3000:])
         assert ("taking over a lock left by process" in r.stderr) == stale, moment
         assert lock.exists() == (code == KILL), moment  # a killed process leaves its lock behind
-        check(out / "t", r.stderr)
+        check(out / SWEEP, r.stderr)
         for run, s in summaries(out).items():
             if s["status"] == "finished":
-                finished.setdefault(run, (out / "t" / run / "summary.json").stat().st_mtime_ns)
+                finished.setdefault(run, (out / SWEEP / run / "summary.json").stat().st_mtime_ns)
     again = sweep(d, out, env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert ("taking over a lock left by process" in again.stderr) == (chain[-1][2] == KILL)
@@ -176,7 +172,7 @@ def state_is(ckpts, lines):
     """A check: the lora run's checkpoint steps and metrics lines are these."""
 
     def check(sweep_dir, err):
-        assert (ckpt_steps(sweep_dir / "lora"), metrics_steps(sweep_dir / "lora")) == (ckpts, list(lines)), err[-2000:]
+        assert (ckpt_steps(sweep_dir / LORA), metrics_steps(sweep_dir / LORA)) == (ckpts, list(lines)), err[-2000:]
 
     return check
 
@@ -190,7 +186,7 @@ def damage_step_4_and_ctrl_c_at_step_5(sweep_dir, err):
 
 def truncate_a_file_of_step_4(sweep_dir, err):
     state_is([2, 4], range(1, 5))(sweep_dir, err)
-    data = [f for f in (sweep_dir / "lora" / "ckpt" / "4").rglob("*") if f.is_file() and f.parent.name == "d"]
+    data = [f for f in (sweep_dir / LORA / "ckpt" / "4").rglob("*") if f.is_file() and f.parent.name == "d"]
     data[0].write_bytes(data[0].read_bytes()[:100])
 
 
@@ -218,16 +214,16 @@ TRAINING = [
 
 
 def adapter_half_written(sweep_dir, err):
-    assert (sweep_dir / "lora" / "adapter" / "adapter.safetensors").exists()
-    assert not (sweep_dir / "lora" / "adapter" / "lora_jax_adapter.json").exists()
+    assert (sweep_dir / LORA / "adapter" / "adapter.safetensors").exists()
+    assert not (sweep_dir / LORA / "adapter" / "lora_jax_adapter.json").exists()
 
 
 def summary_torn(sweep_dir, err):
-    assert list((sweep_dir / "lora").glob(".summary.json.*.tmp")) and not (sweep_dir / "lora" / "summary.json").exists()
+    assert list((sweep_dir / LORA).glob(".summary.json.*.tmp")) and not (sweep_dir / LORA / "summary.json").exists()
 
 
 def summary_written_ckpt_left(sweep_dir, err):
-    assert (sweep_dir / "lora" / "summary.json").exists() and ckpt_steps(sweep_dir / "lora") == [4, 6]
+    assert (sweep_dir / LORA / "summary.json").exists() and ckpt_steps(sweep_dir / LORA) == [4, 6]
 
 
 def results_torn(sweep_dir, err):
@@ -255,13 +251,13 @@ AFTER_TRAINING = [
 def test_kills_and_ctrl_c_while_training_resume_to_the_uninterrupted_result(setup, tmp_path):
     d, env = setup
     got = run_chain(d, env, tmp_path / "out", TRAINING)
-    assert got["lora"]["resumed_from_step"] == 5
+    assert got[LORA]["resumed_from_step"] == 5
 
 
 def test_kills_after_training_resume_to_the_uninterrupted_result(setup, tmp_path):
     d, env = setup
     got = run_chain(d, env, tmp_path / "out", AFTER_TRAINING)
-    assert got["lora"]["resumed_from_step"] == STEPS  # finished by the process killed before removing its ckpt/
+    assert got[LORA]["resumed_from_step"] == STEPS  # finished by the process killed before removing its ckpt/
 
 
 def test_the_sigint_handler_lives_only_as_long_as_the_loop():
@@ -294,3 +290,32 @@ def test_the_sigint_handler_lives_only_as_long_as_the_loop():
         assert seen == [signal.SIG_IGN]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_the_random_fault_script_finds_nothing_wrong(setup, tmp_path):
+    _, env = setup  # its compilation cache
+    script = ROOT / "experiments" / "reliability" / "faults.py"
+    r = subprocess.run([sys.executable, str(script), "--kills", "2", "--steps", "4", "--ranks", "2", "--seed", "1",
+                        "--workdir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout
+    out = json.loads(r.stdout)
+    assert out["kills"] == 2 and out["runs"] == 2 and len(out["kill_delays_s"]) == 2
+    for k in ("runs_rerun", "metric_mismatches", "missing_metrics", "row_errors", "torn_lines", "leftovers"):
+        assert out[k] == 0, (k, out)
+
+
+def test_the_fault_script_counts_each_kind_of_damage(setup, tmp_path):
+    d, _ = setup
+    ref = d / "ref" / SWEEP
+    got = tmp_path / SWEEP
+    shutil.copytree(ref, got)
+    assert faults.compare(ref, got, STEPS) == dict.fromkeys(
+        ["metric_mismatches", "missing_metrics", "row_errors", "torn_lines", "leftovers"], 0)
+    s = json.loads((got / LORA / "summary.json").read_text())
+    (got / LORA / "summary.json").write_text(json.dumps({**s, "val_loss": 1.0, "step_time_s": None}))
+    lines = (got / LORA / "metrics.jsonl").read_text().splitlines()
+    (got / LORA / "metrics.jsonl").write_text("\n".join(lines + [lines[-1], lines[-1][:20]]) + "\n")
+    (got / "results.csv").write_text((ref / "results.csv").read_text().splitlines()[0] + "\n")
+    (got / LORA / "ckpt").mkdir()
+    assert faults.compare(ref, got, STEPS) == {"metric_mismatches": 1, "missing_metrics": 1, "row_errors": 1,
+                                               "torn_lines": 2, "leftovers": 1}
