@@ -255,9 +255,11 @@ def main(argv=None) -> int:
         # Input errors (configs, files, missing extras): one clear paragraph, no traceback.
         print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lora-jax {args.command}: interrupted. Finished runs and the last checkpoint of the current run are "
-              "kept; run the same command again to resume.", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # The training loop stops at a step boundary and names the step it checkpointed.
+        where = f" ({e})" if str(e) else ""
+        print(f"lora-jax {args.command}: interrupted{where}. Finished runs and the last checkpoint of the current "
+              "run are kept; run the same command again to resume.", file=sys.stderr)
         return 130
 
 

@@ -252,13 +252,19 @@ def _data_files(step_dir: Path) -> list[Path]:
     return [f for f in (step_dir / "arrays").rglob("*") if f.is_file() and f.parent.name == "d"]
 
 
+def _without_file_list(step_dir: Path) -> Path:
+    """Remove a step's recorded file sizes and hashes, so the damage reaches orbax and the digest."""
+    (step_dir / ckpt.FILES_NAME).unlink()
+    return step_dir
+
+
 # After one chunk fails to read, tensorstore finishes the other reads of the failed restore in its own
 # threads and calls back into orbax's event loop, already closed ("Event loop is closed", reported as an
 # unraisable exception). Wait for those callbacks here so they are attributed to, and ignored for, this test.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_array_data_is_a_clear_error(tmp_path):
     step = ckpt.save_train_state(tmp_path, _trained()[0], base_id="b")
-    files = _data_files(tmp_path / str(step))
+    files = _data_files(_without_file_list(tmp_path / str(step)))
     assert files
     for f in files:
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -271,7 +277,7 @@ def test_truncated_array_data_is_a_clear_error(tmp_path):
 def test_flipped_bytes_are_caught_by_the_digest(tmp_path, monkeypatch):
     state = _trained()[0]
     step = ckpt.save_train_state(tmp_path, state, base_id="b")
-    meta_file = tmp_path / str(step) / "meta" / "metadata"
+    meta_file = _without_file_list(tmp_path / str(step)) / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
     meta["digest"] = "sha256:" + "0" * 64  # as if an array byte had flipped on disk
     meta_file.write_text(json.dumps(meta))
@@ -290,7 +296,7 @@ def test_flipped_bytes_are_caught_by_the_digest(tmp_path, monkeypatch):
 )
 def test_damaged_record(tmp_path, content, match):
     ckpt.save_train_state(tmp_path, tiny_state(), base_id="b")
-    (tmp_path / "0" / "meta" / "metadata").write_text(content)
+    (_without_file_list(tmp_path / "0") / "meta" / "metadata").write_text(content)
     with pytest.raises(CheckpointError, match=match):
         ckpt.restore_train_state(tmp_path, tiny_state(), base_id="b")
 
@@ -306,3 +312,77 @@ def test_no_pickle_anywhere(tmp_path, monkeypatch):
         monkeypatch.setattr(pickle, name, refuse)
     ckpt.restore_train_state(tmp_path / "c", tiny_state(), base_id="b")
 
+
+
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+# (what is damaged in the latest step, how, what the message names)
+DAMAGE = [
+    ("array data", lambda d: _truncate(_data_files(d)[0]), r"the file arrays/.*/d/\w+ has \d+ bytes, \d+ were written"),
+    ("array data", lambda d: _flip(_data_files(d)[0]), r"the file arrays/.*d/\w+ changed after it was written"),
+    ("record", lambda d: _truncate(d / "meta" / "metadata"), r"the file meta/metadata has \d+ bytes"),
+    ("record", lambda d: (d / "meta" / "metadata").unlink(), "the file meta/metadata is missing"),
+    ("file list", lambda d: _truncate(d / ckpt.FILES_NAME), "its file list lora_jax_files.json is unreadable"),
+    ("record, no file list", lambda d: (_without_file_list(d) / "meta" / "metadata").write_text("{"),
+     "cannot read the checkpoint record"),
+    ("arrays, no file list", lambda d: [_truncate(f) for f in _data_files(_without_file_list(d))],
+     "cannot read the checkpoint arrays"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(("what", "damage", "match"), DAMAGE, ids=[f"{d[0]}-{i}" for i, d in enumerate(DAMAGE)])
+def test_damaged_latest_step_falls_back_to_the_previous_one(tmp_path, what, damage, match):
+    state, step, batch = _trained()
+    later, _ = step(state, batch)
+    ckpt.save_train_state(tmp_path, state, base_id="b", extra={"at": 2})
+    ckpt.save_train_state(tmp_path, later, base_id="b", extra={"at": 3})
+    damage(tmp_path / "3")
+    with pytest.raises(CheckpointError, match=match) as e:
+        ckpt.restore_train_state(tmp_path, tiny_state(), base_id="b")
+    assert "fallback=True" in str(e.value) and f"delete the folder {tmp_path}" in str(e.value)
+    with pytest.warns(UserWarning, match=rf"checkpoint step 3: .*{match}.*; resuming from step 2 of"):
+        restored, extra = ckpt.restore_train_state(tmp_path, tiny_state(), base_id="b", fallback=True)
+    assert extra == {"at": 2} and int(restored.step) == 2
+    _assert_trees_equal((restored.trainable, restored.opt_state, restored.key),
+                        (state.trainable, state.opt_state, state.key))
+    assert ckpt.delete_steps_after(tmp_path, 2) == [3] and ckpt.latest_step(tmp_path) == 2
+    ckpt.save_train_state(tmp_path, later, base_id="b")  # step 3 can be saved again
+    time.sleep(0.5 if "no file list" in what else 0)  # orbax's failed reads finish in their threads
+    gc.collect()
+
+
+def test_no_good_step_left_says_to_delete_the_folder(tmp_path):
+    state = tiny_state()
+    for s in (1, 2):
+        ckpt.save_train_state(tmp_path, state._replace(step=jnp.asarray(s, jnp.int32)), base_id="b")
+        _truncate(tmp_path / str(s) / "meta" / "metadata")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"every saved step is damaged.*step 2: .*step 1: .*Delete the folder {tmp_path} \(rm -r {tmp_path}\) to "
+        "start the run over, then run the same command again",
+    ):
+        ckpt.restore_train_state(tmp_path, state, base_id="b", fallback=True)
+
+
+def test_fallback_never_skips_a_step_of_another_base(tmp_path):
+    ckpt.save_train_state(tmp_path, tiny_state(), base_id="b")
+    other = tiny_state(base=llama.init(jax.random.key(99), CFG))
+    with pytest.raises(BaseMismatchError, match="trained on base"):
+        ckpt.restore_train_state(tmp_path, other, base_id="other", fallback=True)
+
+
+def test_a_folder_keeps_the_two_latest_steps(tmp_path):
+    state = tiny_state()
+    for s in (1, 2, 3):
+        ckpt.save_train_state(tmp_path, state._replace(step=jnp.asarray(s, jnp.int32)), base_id="b")
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2, 3]
+    assert ckpt.KEEP == 2

@@ -74,6 +74,24 @@ def atomic_write(file: PathLike, data: bytes | str, *, fsync: bool = True) -> No
             os.close(dfd)
 
 
+def remove_stale_temporaries(directory: PathLike) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_write` calls killed mid-write left under ``directory``.
+
+    Call it only while no other process writes there (e.g. under :func:`locked`).
+
+    Examples:
+      >>> import tempfile
+      >>> d = Path(tempfile.mkdtemp())
+      >>> _ = (d / ".results.csv.k2j4.tmp").write_text("half")
+      >>> [p.name for p in remove_stale_temporaries(d)]
+      ['.results.csv.k2j4.tmp']
+    """
+    gone = [p for p in Path(directory).rglob(".*.tmp") if p.is_file()]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def json_bytes(obj: Any) -> bytes:
     """Return ``obj`` as indented JSON bytes with a final newline (NaN and infinity refused)."""
     return (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()

@@ -11,15 +11,22 @@ leaf paths, shapes and dtypes, a SHA-256 digest of the arrays, the caller's
 name and :func:`~lora_jax.io.hashing.base_hash`). The frozen base itself is
 never written; restoring onto a base with another hash is refused. Nothing is
 read with pickle.
+
+Once a step is complete, the size and SHA-256 of each of its files are written
+beside them (``lora_jax_files.json``), so a file truncated or changed later is
+named before orbax reads it. ``restore_train_state(..., fallback=True)`` skips
+damaged steps, newest first, with a warning, and restores the latest good one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +38,7 @@ from lora_jax import lora as _lora
 from lora_jax import paths as _paths
 from lora_jax.errors import BaseMismatchError, CheckpointError
 from lora_jax.io import hashing as _hashing
-from lora_jax.io.files import version
+from lora_jax.io.files import atomic_write, version
 from lora_jax.io.hashing import digest, host_array, is_typed_key
 from lora_jax.train import TrainState
 
@@ -40,9 +47,15 @@ PathLike = str | os.PathLike
 
 TRAIN_FORMAT = "lora_jax.train_state"
 FORMAT_VERSION = 1
+FILES_NAME = "lora_jax_files.json"  # size and SHA-256 of each file of a complete step, written beside them
+KEEP = 2  # steps kept by default: the latest, and one to fall back to when the latest is damaged
 
 
-def checkpoint_manager(directory: PathLike, *, max_to_keep: int = 3, async_save: bool = False):
+class _DamagedStep(CheckpointError):
+    """A saved step whose files are truncated or corrupted (the ones ``fallback`` skips)."""
+
+
+def checkpoint_manager(directory: PathLike, *, max_to_keep: int = KEEP, async_save: bool = False):
     """Open (creating it) an orbax ``CheckpointManager`` for :func:`save_train_state`.
 
     The folder is meant to have one writer: opening it removes the temporary
@@ -85,7 +98,7 @@ def checkpoint_manager(directory: PathLike, *, max_to_keep: int = 3, async_save:
 _TMP_STEP = re.compile(r"\d+\.orbax-checkpoint-tmp.*")
 
 
-def _open_manager(directory: Path, *, max_to_keep: int = 3, async_save: bool = False):
+def _open_manager(directory: Path, *, max_to_keep: int = KEEP, async_save: bool = False):
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
@@ -93,7 +106,7 @@ def _open_manager(directory: Path, *, max_to_keep: int = 3, async_save: bool = F
 
 
 @contextlib.contextmanager
-def _manager(manager_or_dir, *, create: bool, max_to_keep: int = 3):
+def _manager(manager_or_dir, *, create: bool, max_to_keep: int = KEEP):
     """Yield a manager; for a folder, a writer's (``create``) or a reader's (``None`` if it does not exist)."""
     if hasattr(manager_or_dir, "latest_step"):
         yield manager_or_dir
@@ -136,7 +149,7 @@ def save_train_state(
     base_id: str,
     extra: dict | None = None,
     base_hash: str | None = None,
-    max_to_keep: int = 3,
+    max_to_keep: int = KEEP,
 ) -> int:
     """Save the trainable params, optimizer state, step and RNG key as checkpoint step ``state.step``.
 
@@ -147,14 +160,16 @@ def save_train_state(
 
     Args:
       manager_or_dir: a manager from :func:`checkpoint_manager`, or a folder
-        (a manager is opened, used and closed; the save is complete on return).
+        (a manager is opened, used and closed; the save is complete on return,
+        and the size and SHA-256 of each file of the step are recorded).
       state: the :class:`~lora_jax.train.TrainState`.
       base_id: a name for the base model (a hub id or a path), for messages.
       extra: JSON-serializable metadata restored with the state (e.g. the data
         position ``{"epoch": 1, "batch": 420}``).
       base_hash: :func:`~lora_jax.io.hashing.base_hash` of ``state.frozen`` if already known
         (otherwise computed here).
-      max_to_keep: with a folder, how many latest steps to keep.
+      max_to_keep: with a folder, how many latest steps to keep (default 2: the latest, and
+        the one :func:`restore_train_state` falls back to when the latest is damaged).
 
     Returns:
       The step number saved.
@@ -214,7 +229,45 @@ def save_train_state(
         m.save(step, args=args, force=True)
         if not hasattr(manager_or_dir, "latest_step"):
             m.wait_until_finished()
+            _write_file_list(Path(m.directory) / str(step))
     return step
+
+
+def _write_file_list(step_dir: Path) -> None:
+    """Record the size and SHA-256 of every file of a complete step (read back by :func:`_check_file_list`)."""
+    files = {}
+    for f in sorted(step_dir.rglob("*")):
+        if f.is_file() and f.name != FILES_NAME:
+            data = f.read_bytes()
+            files[f.relative_to(step_dir).as_posix()] = [len(data), hashlib.sha256(data).hexdigest()]
+    atomic_write(step_dir / FILES_NAME, json.dumps({"files": files}, indent=0) + "\n")
+
+
+def _check_file_list(step_dir: Path) -> None:
+    """Raise :class:`_DamagedStep` naming the first file of a step that differs from its recorded size or hash.
+
+    A step without the list (saved through a caller's manager, by an older
+    lora-jax, or killed between orbax's commit and the list) is left to orbax
+    and the digest.
+    """
+    listing = step_dir / FILES_NAME
+    if not listing.is_file():
+        return
+    try:
+        files = json.loads(listing.read_text())["files"]
+        assert isinstance(files, dict)
+    except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as e:
+        raise _DamagedStep(f"{step_dir}: its file list {FILES_NAME} is unreadable ({e}); the step is corrupted") from e
+    for rel, (size, sha) in files.items():
+        f = step_dir / rel
+        if not f.is_file():
+            raise _DamagedStep(f"{step_dir}: the file {rel} is missing; the step is truncated")
+        data = f.read_bytes()
+        if len(data) != size:
+            raise _DamagedStep(f"{step_dir}: the file {rel} has {len(data)} bytes, {size} were written; "
+                               "the step is truncated")
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise _DamagedStep(f"{step_dir}: the file {rel} changed after it was written; the step is corrupted")
 
 
 def latest_step(manager_or_dir: Any) -> int | None:
@@ -250,6 +303,7 @@ def restore_train_state(
     base_id: str,
     step: int | None = None,
     base_hash: str | None = None,
+    fallback: bool = False,
 ) -> tuple[TrainState, dict] | None:
     """Restore a train state saved by :func:`save_train_state` onto the frozen base of ``like_state``.
 
@@ -262,6 +316,13 @@ def restore_train_state(
       base_id: a name for that base, for messages.
       step: the step to restore; default the latest.
       base_hash: :func:`~lora_jax.io.hashing.base_hash` of ``like_state.frozen`` if already known.
+      fallback: with ``step=None``, a damaged step (truncated or corrupted
+        files, a torn record, arrays that fail their digest) is skipped with a
+        warning naming it and the step restored instead, newest first, so a
+        run resumes from the previous good step (``state.step`` says which).
+        The damaged steps stay in the folder (:func:`delete_steps_after` removes
+        them). A step that is intact but does not fit ``like_state`` or its
+        base is never skipped.
 
     Returns:
       ``(state, extra)``, or ``None`` when the folder holds no checkpoint.
@@ -270,8 +331,8 @@ def restore_train_state(
       BaseMismatchError: the checkpoint was saved with another base (the
         message names both).
       CheckpointError: ``step`` is not in the folder; the step is truncated
-        or corrupted; it does not fit ``like_state`` (the message names the
-        first leaf that differs).
+        or corrupted (with ``fallback``: every step is); it does not fit
+        ``like_state`` (the message names the first leaf that differs).
 
     Examples:
       >>> import tempfile, jax, jax.numpy as jnp, optax
@@ -280,95 +341,142 @@ def restore_train_state(
       >>> state = train.init_state(p, optax.sgd(0.1), jax.random.key(1))
       >>> restore_train_state(tempfile.mkdtemp(), state, base_id="toy") is None  # nothing saved yet
       True
+      >>> d = tempfile.mkdtemp()
+      >>> for s in (1, 2):
+      ...     _ = save_train_state(d, state._replace(step=jnp.asarray(s)), base_id="toy")
+      >>> _ = open(f"{d}/2/meta/metadata", "w").write('{"format": "lora_jax.tr')  # a torn record
+      >>> import warnings
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     restored, _ = restore_train_state(d, state, base_id="toy", fallback=True)
+      >>> int(restored.step), "step 2" in str(caught[0].message)
+      (1, True)
     """
-    import orbax.checkpoint as ocp
-
     with _manager(manager_or_dir, create=False) as m:
         if m is None:
             return None
-        steps = list(m.all_steps())
-        if step is None:
-            step = m.latest_step()
-            if step is None:
-                return None
-        elif step not in steps:
-            raise CheckpointError(f"{m.directory}: no checkpoint for step {step}; saved steps: {sorted(steps)}")
-        where = f"{m.directory}/{step}"
-        try:
-            meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # orbax raises many types for a damaged folder
-            raise CheckpointError(
-                f"{where}: cannot read the checkpoint record ({type(e).__name__}: {e}); the step is truncated "
-                f"or corrupted; restore an earlier one with step=... (saved: {sorted(steps)})"
-            ) from e
-        _check_train_meta(meta, where)
-        want = meta["base"]
-        have = base_hash or _hashing.base_hash(like_state.frozen)
-        if want.get("hash") != have:
-            raise BaseMismatchError(
-                f"{where}: this checkpoint was trained on base {want.get('id')!r} ({str(want.get('hash'))[:19]}) "
-                f"but like_state's frozen weights are base {base_id!r} ({have[:19]}); restore it onto the base "
-                "it was trained on"
-            )
-        leaves, treedef = _state_leaves(like_state)
-        mine = []
-        targets = []
-        for path, x in leaves:
-            if is_typed_key(x):
-                data = jax.eval_shape(jax.random.key_data, x)
-                mine.append((path, tuple(data.shape), np.dtype(data.dtype).name))
-                targets.append(np.zeros(data.shape, data.dtype))
-            else:
-                dtype = np.dtype(x.dtype)
-                mine.append((path, tuple(x.shape), dtype.name))
-                targets.append(
-                    jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-                    if isinstance(x, jax.Array)
-                    else np.asarray(x)
-                )
-        if [(r["path"], tuple(r["shape"]), r["dtype"]) for r in meta["leaves"]] != mine:
-            raise CheckpointError(
-                f"{where}: the checkpoint does not fit like_state: {_first_difference(meta['leaves'], mine)}. "
-                "Build like_state with the LoRA rules, ranks and optimizer the checkpoint was trained with."
-            )
-        for (path, like), record in zip(leaves, meta["leaves"], strict=True):
-            impl = str(jax.random.key_impl(like)) if is_typed_key(like) else None
-            if record.get("key_impl") != impl:
-                raise CheckpointError(
-                    f"{where}: {path!r} is a {record.get('key_impl') or 'raw uint32'} key in the checkpoint but a "
-                    f"{impl or 'raw uint32'} key in like_state; make like_state's key the same kind"
-                )
-        statics = _lora_statics(like_state.trainable)
-        for path, saved in meta["lora"].items():
-            if statics.get(path) != saved:
-                raise CheckpointError(
-                    f"{where}: LoRA weight {path!r} has (scale, in_ndim, dropout) = {tuple(saved)} in the "
-                    f"checkpoint but {tuple(statics.get(path, ()))} in like_state; use the same LoRA rules"
-                )
-        try:
-            arrays = m.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(targets)))["arrays"]
-        except Exception as e:
-            raise CheckpointError(
-                f"{where}: cannot read the checkpoint arrays ({type(e).__name__}: {e}); the step is truncated "
-                f"or corrupted; restore an earlier one with step=... (saved: {sorted(steps)})"
-            ) from e
-    if digest([(r["path"], host_array(a)) for r, a in zip(meta["leaves"], arrays, strict=True)]) != meta["digest"]:
-        raise CheckpointError(
-            f"{where}: the arrays do not match the digest recorded at save time; the step is corrupted"
+        steps = sorted(m.all_steps())
+        if step is not None and step not in steps:
+            raise CheckpointError(f"{m.directory}: no checkpoint for step {step}; saved steps: {steps}")
+        if step is None and not steps:
+            return None
+        if step is not None or not fallback:
+            try:
+                return _restore_step(m, like_state, steps[-1] if step is None else step, base_id, base_hash)
+            except _DamagedStep as e:
+                raise _DamagedStep(
+                    f"{e}. Restore an earlier step with step=... (saved: {steps}) or fallback=True; from the "
+                    f"command line, a re-run resumes from the latest good step, or delete the folder "
+                    f"{m.directory} to start the run over"
+                ) from e
+        damaged = []
+        for s in reversed(steps):
+            try:
+                out = _restore_step(m, like_state, s, base_id, base_hash)
+            except _DamagedStep as e:
+                damaged.append(f"step {s}: {e}")
+                continue
+            for d in damaged:
+                warnings.warn(f"checkpoint {d}; resuming from step {s} of {m.directory} instead", stacklevel=2)
+            return out
+    raise CheckpointError(
+        f"{m.directory}: every saved step is damaged, none can be resumed from ({'; '.join(damaged)}). "
+        f"Delete the folder {m.directory} (rm -r {m.directory}) to start the run over, then run the same "
+        "command again"
+    )
+
+
+def delete_steps_after(manager_or_dir: Any, step: int) -> list[int]:
+    """Delete the saved steps after ``step`` (e.g. the damaged ones a fallback restore skipped); return them.
+
+    Examples:
+      >>> delete_steps_after("/nonexistent/folder", 0)
+      []
+    """
+    with _manager(manager_or_dir, create=False) as m:
+        if m is None:
+            return []
+        later = [s for s in m.all_steps() if s > step]
+        for s in later:
+            m.delete(s)
+        return later
+
+
+def _restore_step(m, like_state: TrainState, step: int, base_id: str, base_hash: str | None):
+    """Restore one saved step; :class:`_DamagedStep` when its files are truncated or corrupted."""
+    import orbax.checkpoint as ocp
+
+    where = f"{m.directory}/{step}"
+    _check_file_list(Path(m.directory) / str(step))
+    try:
+        meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many types for a damaged folder
+        raise _DamagedStep(
+            f"{where}: cannot read the checkpoint record ({type(e).__name__}: {e}); the step is truncated "
+            "or corrupted"
+        ) from e
+    _check_train_meta(meta, where)
+    want = meta["base"]
+    have = base_hash or _hashing.base_hash(like_state.frozen)
+    if want.get("hash") != have:
+        raise BaseMismatchError(
+            f"{where}: this checkpoint was trained on base {want.get('id')!r} ({str(want.get('hash'))[:19]}) "
+            f"but like_state's frozen weights are base {base_id!r} ({have[:19]}); restore it onto the base "
+            "it was trained on"
         )
+    leaves, treedef = _state_leaves(like_state)
+    mine = []
+    targets = []
+    for path, x in leaves:
+        if is_typed_key(x):
+            data = jax.eval_shape(jax.random.key_data, x)
+            mine.append((path, tuple(data.shape), np.dtype(data.dtype).name))
+            targets.append(np.zeros(data.shape, data.dtype))
+        else:
+            dtype = np.dtype(x.dtype)
+            mine.append((path, tuple(x.shape), dtype.name))
+            targets.append(
+                jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding) if isinstance(x, jax.Array) else np.asarray(x)
+            )
+    if [(r["path"], tuple(r["shape"]), r["dtype"]) for r in meta["leaves"]] != mine:
+        raise CheckpointError(
+            f"{where}: the checkpoint does not fit like_state: {_first_difference(meta['leaves'], mine)}. "
+            "Build like_state with the LoRA rules, ranks and optimizer the checkpoint was trained with."
+        )
+    for (path, like), record in zip(leaves, meta["leaves"], strict=True):
+        impl = str(jax.random.key_impl(like)) if is_typed_key(like) else None
+        if record.get("key_impl") != impl:
+            raise CheckpointError(
+                f"{where}: {path!r} is a {record.get('key_impl') or 'raw uint32'} key in the checkpoint but a "
+                f"{impl or 'raw uint32'} key in like_state; make like_state's key the same kind"
+            )
+    statics = _lora_statics(like_state.trainable)
+    for path, saved in meta["lora"].items():
+        if statics.get(path) != saved:
+            raise CheckpointError(
+                f"{where}: LoRA weight {path!r} has (scale, in_ndim, dropout) = {tuple(saved)} in the "
+                f"checkpoint but {tuple(statics.get(path, ()))} in like_state; use the same LoRA rules"
+            )
+    try:
+        arrays = m.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(targets)))["arrays"]
+    except Exception as e:
+        raise _DamagedStep(
+            f"{where}: cannot read the checkpoint arrays ({type(e).__name__}: {e}); the step is truncated "
+            "or corrupted"
+        ) from e
+    if digest([(r["path"], host_array(a)) for r, a in zip(meta["leaves"], arrays, strict=True)]) != meta["digest"]:
+        raise _DamagedStep(f"{where}: the arrays do not match the digest recorded at save time; the step is corrupted")
     out = []
     for (_, like), a in zip(leaves, arrays, strict=True):
         out.append(
             jax.random.wrap_key_data(jnp.asarray(a), impl=jax.random.key_impl(like)) if is_typed_key(like) else a
         )
     trainable, opt_state, step_, key = treedef.unflatten(out)
-    state = TrainState(step_, trainable, like_state.frozen, opt_state, key)
-    return state, meta["extra"]
+    return TrainState(step_, trainable, like_state.frozen, opt_state, key), meta["extra"]
 
 
 def _check_train_meta(meta: Any, where: str) -> None:
     if not isinstance(meta, dict) or meta.get("format") != TRAIN_FORMAT:
-        raise CheckpointError(f"{where}: not a lora-jax train-state checkpoint (no '{TRAIN_FORMAT}' record)")
+        raise _DamagedStep(f"{where}: not a lora-jax train-state checkpoint (no '{TRAIN_FORMAT}' record)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{where}: written by lora-jax {meta.get('lora_jax_version')} in format version "
@@ -376,5 +484,5 @@ def _check_train_meta(meta: Any, where: str) -> None:
         )
     missing = [k for k in ("base", "leaves", "lora", "digest", "extra") if k not in meta]
     if missing:
-        raise CheckpointError(f"{where}: the checkpoint record lacks {missing}; it is corrupted")
+        raise _DamagedStep(f"{where}: the checkpoint record lacks {missing}; it is corrupted")
 

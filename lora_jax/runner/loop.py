@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import statistics
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,8 @@ def _read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
                 r = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line from a kill
+            if not isinstance(r, dict):
+                continue
             if max_step is None or r.get("step", 0) <= max_step:
                 rows.append(r)
     return rows
@@ -41,8 +47,52 @@ def _progress(total: int, desc: str, quiet: bool, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True)
 
 
+class StopRequest:
+    """Whether Ctrl-C asked the training loop to stop at the next step boundary (see :func:`stop_on_sigint`)."""
+
+    requested = False
+
+
+@contextlib.contextmanager
+def stop_on_sigint():
+    """While the block runs, a first Ctrl-C (SIGINT) only sets ``requested`` on the yielded flag.
+
+    The loop checks the flag after each step, so it stops at a step boundary
+    with a state it may save. A second Ctrl-C raises ``KeyboardInterrupt`` at
+    once. The previous handler is restored on exit. Outside the main thread,
+    or when SIGINT is ignored (a background job), nothing is installed.
+    """
+    flag = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[Any, dict]:
-    """Train one run with checkpoints; return the final params and a status dict."""
+    """Train one run with checkpoints; return the final params and a status dict.
+
+    A run resumes from the latest good checkpoint in ``run_dir/ckpt`` (a
+    damaged latest step falls back to the one before, with a warning), and
+    drops the metrics lines written after it. Ctrl-C stops after the current
+    step: that step is checkpointed, the metrics lines are flushed, and
+    ``KeyboardInterrupt`` is raised with a message naming the step.
+    """
     from lora_jax.io import state as ckpt
 
     cfg = ctx.cfg
@@ -54,55 +104,78 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
     ckpt_dir = run_dir / "ckpt"
     every = cfg.train.checkpoint_every or steps
     base_id = f"{cfg.model.name}:{cfg.method}"
-    restored = ckpt.restore_train_state(ckpt_dir, state, base_id=base_id) if ckpt_dir.exists() else None
+    restored = None
+    if ckpt_dir.exists():
+        restored = ckpt.restore_train_state(ckpt_dir, state, base_id=base_id, fallback=True)
     start = 0
     if restored is not None:
         state, _extra = restored
         start = int(state.step)
+        ckpt.delete_steps_after(ckpt_dir, start)  # damaged steps the fallback skipped: their numbers come again
     metrics_path = run_dir / "metrics.jsonl"
     kept = _read_jsonl(metrics_path, max_step=start)  # drop lines written after the checkpoint
     atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     sched = make_lr_schedule(cfg.optim, steps)
     bar = _progress(steps, run_dir.name, quiet, initial=start)
-    times, losses = [], []
-    status = {"status": "finished", "reason": None}
+    times, first, losses = [], [], []
+    status = {"status": "finished", "reason": None, "resumed_from_step": start if restored is not None else None}
     tok_per_step = cfg.train.batch_size * cfg.task.max_len
-    with open(metrics_path, "a") as mf:
+    done = start
+    with open(metrics_path, "a") as mf, stop_on_sigint() as stop:
         for step in range(start, steps):
             batch = _data.batch_at(ctx.train_data, step, batch_size=cfg.train.batch_size, seed=cfg.seed)
             t0 = time.perf_counter()
             state, m = step_fn(state, batch)
             loss = float(m["loss"])
             dt = time.perf_counter() - t0
-            if step > start:  # the first step of a process includes compilation
-                times.append(dt)
+            done = step + 1
+            (times if step > start else first).append(dt)  # the first step of a process includes compilation
             losses.append(loss)
             if not math.isfinite(loss):
-                status = {"status": "failed", "reason": f"loss became {loss} at step {step + 1}"}
+                status = {**status, "status": "failed", "reason": f"loss became {loss} at step {done}"}
                 break
-            rec = {"step": step + 1, "loss": loss, "lr": float(sched(step)), "grad_norm": float(m["grad_norm"]),
+            rec = {"step": done, "loss": loss, "lr": float(sched(step)), "grad_norm": float(m["grad_norm"]),
                    "tokens_per_s": tok_per_step / dt, "time_s": dt}
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < steps:
+            if step == start:
+                rec["includes_compile"] = True
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
                 ev = evaluate(ctx, state.params)
                 rec.update({k: v for k, v in ev.items() if k != "samples"})
-            if (step + 1) % max(1, cfg.train.log_every) == 0 or step + 1 == steps or "val_loss" in rec:
+            if done % max(1, cfg.train.log_every) == 0 or done == steps or "val_loss" in rec:
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
-            if (step + 1) % every == 0 or step + 1 == steps:
+            if done % every == 0 or done == steps or stop.requested:
+                # The lines up to this step reach the disk before the checkpoint that makes them final.
                 mf.flush()
                 os.fsync(mf.fileno())
-                ckpt.save_train_state(ckpt_dir, state, base_id=base_id, extra={"data_step": step + 1})
+                ckpt.save_train_state(ckpt_dir, state, base_id=base_id, extra={"data_step": done})
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_step / dt:,.0f}")
                 bar.update(1)
+            if stop.requested:
+                break
     if bar is not None:
         bar.close()
-    if not losses and kept:
-        # Resumed after the last step (killed during the final evaluation or while writing the
-        # summary): the numbers of the steps come from the metrics lines they wrote.
-        losses = [r["loss"] for r in kept if "loss" in r]
-        times = [r["time_s"] for r in kept if "time_s" in r and r.get("step", 0) > 1]  # step 1 compiled
-    status["step_time_s"] = statistics.median(times) if times else None
-    status["tokens_per_s"] = tok_per_step / status["step_time_s"] if times else None
+    if stop.requested:
+        raise KeyboardInterrupt(f"run {run_dir.name} stopped after step {done} of {steps}; its checkpoint of "
+                                f"step {done} is in {ckpt_dir}")
+    status.update(step_times(kept, times, first, tok_per_step))
+    # Resumed after the last step (killed during the final evaluation or while writing the summary):
+    # the loss of the last step comes from the metrics line it wrote.
+    losses = losses or [r["loss"] for r in kept if "loss" in r]
     status["train_loss"] = losses[-1] if losses else None
     return state.params, status
+
+
+def step_times(kept: list[dict], times: list[float], first: list[float], tok_per_step: int) -> dict:
+    """Median step time and tokens/s over the steps of this process and the metrics lines kept from earlier ones.
+
+    The first step of each process (``first``; its line says ``includes_compile``)
+    includes compilation and counts only when no other step time is known.
+    """
+    compiled = [r.get("includes_compile", r.get("step") == 1) for r in kept]
+    clean = [r["time_s"] for r, c in zip(kept, compiled) if "time_s" in r and not c] + times
+    if not clean:
+        clean = [r["time_s"] for r, c in zip(kept, compiled) if "time_s" in r and c] + first
+    med = statistics.median(clean) if clean else None
+    return {"step_time_s": med, "tokens_per_s": tok_per_step / med if med else None}

@@ -13,7 +13,13 @@ A sweep writes plain files only::
 Re-running a sweep skips the runs whose ``summary.json`` says ``finished`` for
 the same config hash, and resumes an interrupted run from its last checkpoint:
 the data position is a pure function of the step and the dropout keys of the
-step, so the resumed run computes what an uninterrupted one would have.
+step, so the resumed run computes what an uninterrupted one would have. A
+process killed at any moment leaves nothing that a re-run trips over: files
+are replaced atomically (the temporary files of a killed write are removed on
+the next run), the two latest checkpoints are kept (a damaged latest one falls
+back to the one before), metrics lines after the restored checkpoint are
+dropped, a finished run's leftover ``ckpt/`` is removed, and the lock file of a
+dead process is taken over.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import jax
 
 from lora_jax import config as _config
 from lora_jax import lora as _lora
-from lora_jax.io.files import atomic_write, locked
+from lora_jax.io.files import atomic_write, locked, remove_stale_temporaries
 from lora_jax.runner import build as _build
 from lora_jax.runner.evaluate import evaluate
 from lora_jax.runner.loop import train_run
@@ -52,9 +58,13 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
     run_dir = Path(run_dir)
     chash = _config.config_hash(cfg)
     summary_path = run_dir / "summary.json"
+    if run_dir.is_dir():
+        remove_stale_temporaries(run_dir)
     if summary_path.exists():
         old = json.loads(summary_path.read_text())
         if old.get("config_hash") == chash and old.get("status") == "finished":
+            if (run_dir / "ckpt").exists():  # killed after its summary was written, before this was removed
+                shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
             return old
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", _config.to_yaml(cfg))
@@ -67,7 +77,7 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
     fp = quant.footprint(ctx.params)
     counts = _lora.count(ctx.params)
     status: dict[str, Any] = {"status": "finished", "reason": None, "step_time_s": None, "tokens_per_s": None,
-                              "train_loss": None}
+                              "train_loss": None, "resumed_from_step": None}
     params = ctx.params
     if cfg.method != "base":
         params, status = train_run(ctx, run_dir, quiet=quiet)
@@ -137,6 +147,7 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
     first = runs[0][1]
     sweep_dir = Path(output_dir or first.output_dir) / first.name
     with locked(sweep_dir, "lora-jax sweep"):
+        remove_stale_temporaries(sweep_dir)  # left by a killed atomic write; only a lock holder may remove them
         _run_all(runs, sweep_dir, quiet=quiet)
         if plots:
             from lora_jax import plots as _plots
