@@ -61,6 +61,43 @@ def test_bf16_rows_run(setup, weights, reference):
     assert abs(first - reference[0]) < 0.05  # bf16 weights and activations
 
 
+def assert_quotient(ratio: float, num: float, den: float, half_ulp: float = 5e-5) -> None:
+    """``ratio`` (rounded to 4 decimals) is ``num / den`` for times that rounded to ``num`` and ``den``."""
+    lo, hi = (num - half_ulp) / (den + half_ulp), (num + half_ulp) / (den - half_ulp)
+    assert lo - half_ulp <= ratio <= hi + half_ulp, (ratio, num, den)
+
+
+def _args(**kw):
+    import argparse
+
+    return argparse.Namespace(**{"tiny": True, "batch": 2, "seq": 32, "rank": 8, "alpha": 16, "reps": 3, **kw})
+
+
+def test_peers_ratios_are_medians_of_the_per_round_ratios():
+    """Timings made up: the reported ratio is the median of per-round quotients, not a quotient of medians."""
+    times = {"ours_lora": [1.0, 2.0, 9.0], "ours_full": [2.0, 1.0, 3.0], "ours_qlora": [4.0, 4.0, 4.0]}
+    res = {"times": times, "compile_s": dict.fromkeys(times, 1.0), "initial_loss": dict.fromkeys(times, 3.0)}
+    out = peers.summarize([(list(times), res)], {}, _args())
+    assert out["step_s"] == {"ours_lora": 2.0, "ours_full": 2.0, "ours_qlora": 4.0}
+    assert out["ours_lora_over_ours_full"] == 2.0  # median of 0.5, 2 and 3 (the medians' quotient is 1)
+    assert [k for k in peers.RATIOS if k in out] == ["ours_lora_over_ours_full"]
+    assert out["tokens_per_s"]["ours_lora"] == 2 * 32 / 2.0
+
+
+def test_train_step_loop_ratios_are_medians_of_the_per_round_ratios(monkeypatch):
+    import train_step
+
+    rounds = {"blocked": [1.0, 2.0, 4.0], "pipelined": [2.0, 1.0, 3.0], "blocked_faults": [1, 2, 3],
+              "pipelined_faults": [4, 5, 6], "malloc_configured": True}  # fmt: skip
+    monkeypatch.setattr(train_step, "_child", lambda flags, args, malloc=None: rounds)
+    out = train_step.loop_styles(_args())
+    for suffix in ("", "_system_malloc"):
+        assert out[f"lora_step_s_blocked{suffix}"] == 2.0 and out[f"lora_step_s_pipelined{suffix}"] == 2.0
+        assert out[f"pipelined_over_blocked{suffix}"] == 0.75  # median of 2, 0.5 and 0.75
+        assert out[f"page_faults_per_step_blocked{suffix}"] == 2
+    assert out["malloc_configured"] is True
+
+
 def test_peers_main_writes_json_and_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(peers.hostmem.ENV, "system")  # this test process keeps its allocator
     md = tmp_path / "peers.md"
@@ -70,6 +107,11 @@ def test_peers_main_writes_json_and_table(tmp_path, capsys, monkeypatch):
     assert set(res["peak_rss_mb"]) == {"ours_lora", "peft_lora"}
     assert all(v > 50 for v in res["peak_rss_mb"].values())
     assert 0 < res["ours_lora_over_peft_lora"] < 100
+    # Only the ratios of setups that ran are reported, each beside the verdict on its target.
+    assert [k for k in peers.RATIOS if k in res] == ["ours_lora_over_peft_lora"]
+    assert res["targets_met"] == {"ours_lora_over_peft_lora": res["ours_lora_over_peft_lora"] <= 0.9}
+    # One round: the ratio is the quotient of the two step times (each rounded to 4 decimals).
+    assert_quotient(res["ours_lora_over_peft_lora"], res["step_s"]["ours_lora"], res["step_s"]["peft_lora"])
     table = md.read_text()
     assert "| ours_lora |" in table and "ours_lora_over_peft_lora" in table
 
@@ -94,4 +136,7 @@ def test_train_step_benchmark_tiny():
         assert res[f"lora_step_s_blocked{suffix}"] > 0 and res[f"lora_step_s_pipelined{suffix}"] > 0
         assert np.isfinite(res[f"pipelined_over_blocked{suffix}"])
     assert 4.0 < res["base_bits_per_param"] < 4.6
+    # One round: each ratio is the quotient of the two step times it names.
+    assert_quotient(res["lora_over_full"], res["lora_step_s"], res["full_step_s"])
+    assert_quotient(res["qlora_over_lora"], res["qlora_step_s"], res["lora_step_s"])
     assert np.isfinite(res["lora_mfu"])
