@@ -65,6 +65,56 @@ def test_bf16_rows_run(setup, weights, reference):
     assert math.isfinite(step.wait()) and step.wait() != first
 
 
+def assert_quotient(ratio: float, num: float, den: float, half_ulp: float = 5e-5) -> None:
+    """``ratio`` (rounded to 4 decimals) is ``num / den`` for times that rounded to ``num`` and ``den``."""
+    lo, hi = (num - half_ulp) / (den + half_ulp), (num + half_ulp) / (den - half_ulp)
+    assert lo - half_ulp <= ratio <= hi + half_ulp, (ratio, num, den)
+
+
+def _args(**kw):
+    import argparse
+
+    return argparse.Namespace(**{"tiny": True, "batch": 2, "seq": 32, "rank": 8, "alpha": 16, "reps": 3, **kw})
+
+
+def _round(**times):
+    """One made-up round of peers.py: each setup's blocked time, pipelined twice that."""
+    return {s: {"blocked": t, "pipelined": 2 * t, "compile_s": 1.0, "initial_loss": 3.0, "peak_rss_mb": 100.0,
+                "step_peak_rss_mb": 90.0, "process_imported": []} for s, t in times.items()}  # fmt: skip
+
+
+def test_peers_ratios_are_medians_of_the_per_round_ratios(monkeypatch):
+    """Timings made up: the reported ratio is the median of per-round quotients, not a quotient of medians."""
+    monkeypatch.setattr(peers, "describe", dict)
+    rounds = [_round(ours_lora=1.0, ours_full=2.0, ours_lora_bf16=5.0, peft_lora=4.0, peft_lora_bf16=1.0),
+              _round(ours_lora=2.0, ours_full=1.0, ours_lora_bf16=1.0, peft_lora=4.0, peft_lora_bf16=8.0),
+              _round(ours_lora=9.0, ours_full=3.0, ours_lora_bf16=9.0, peft_lora=3.0, peft_lora_bf16=3.0)]
+    out = peers.summarize(rounds, _args())
+    assert out["step_s"]["blocked"]["ours_lora"] == 2.0 and out["step_s"]["pipelined"]["ours_full"] == 4.0
+    assert out["ours_lora_over_ours_full_blocked"] == 2.0  # median of 0.5, 2 and 3 (the medians' quotient is 1)
+    assert out["ours_lora_over_ours_full_pipelined"] == 2.0
+    # best against best, per round: min(1, 5)/min(4, 1) = 1, min(2, 1)/min(4, 8) = 0.25, 9/3 = 3 -> median 1
+    assert out["ours_lora_best_over_peft_lora_best_blocked"] == 1.0
+    assert out["targets_met"]["ours_lora_best_over_peft_lora_best_blocked"] is False  # target 0.8
+    assert "ours_qlora_best_over_peft_qlora_best_blocked" not in out  # only ratios of setups that ran
+    assert out["tokens_per_s"]["ours_lora"] == 2 * 32 / 2.0
+    assert out["step_s_range"]["blocked"]["ours_lora"] == [1.0, 9.0]
+
+
+def test_train_step_loop_ratios_are_medians_of_the_per_round_ratios(monkeypatch):
+    import train_step
+
+    rounds = {"blocked": [1.0, 2.0, 4.0], "pipelined": [2.0, 1.0, 3.0], "blocked_faults": [1, 2, 3],
+              "pipelined_faults": [4, 5, 6], "malloc_configured": True}  # fmt: skip
+    monkeypatch.setattr(train_step, "_child", lambda flags, args, malloc=None: rounds)
+    out = train_step.loop_styles(_args())
+    for suffix in ("", "_system_malloc"):
+        assert out[f"lora_step_s_blocked{suffix}"] == 2.0 and out[f"lora_step_s_pipelined{suffix}"] == 2.0
+        assert out[f"pipelined_over_blocked{suffix}"] == 0.75  # median of 2, 0.5 and 0.75
+        assert out[f"page_faults_per_step_blocked{suffix}"] == 2
+    assert out["malloc_configured"] is True
+
+
 def test_peers_main_runs_each_setup_in_a_clean_process(tmp_path, capsys):
     md = tmp_path / "peers.md"
     setups = ["ours_lora", "peft_lora", "ours_lora_bf16", "peft_lora_bf16"]
@@ -81,6 +131,8 @@ def test_peers_main_runs_each_setup_in_a_clean_process(tmp_path, capsys):
     # a PyTorch peer's process never loads JAX or lora-jax; ours never loads PyTorch
     assert res["process_imported"]["peft_lora"] == ["torch"]
     assert "torch" not in res["process_imported"]["ours_lora"]
+    assert res["targets_met"] == {f"ours_lora_best_over_peft_lora_best_{style}":
+                                  res[f"ours_lora_best_over_peft_lora_best_{style}"] <= 0.8 for style in peers.STYLES}
     table = md.read_text()
     assert "| ours_lora |" in table and "ours_lora_best_over_peft_lora_best_pipelined" in table
 
@@ -114,4 +166,7 @@ def test_train_step_benchmark_tiny():
         assert res[f"lora_step_s_blocked{suffix}"] > 0 and res[f"lora_step_s_pipelined{suffix}"] > 0
         assert np.isfinite(res[f"pipelined_over_blocked{suffix}"])
     assert 4.0 < res["base_bits_per_param"] < 4.6
+    # One round: each ratio is the quotient of the two step times it names.
+    assert_quotient(res["lora_over_full"], res["lora_step_s"], res["full_step_s"])
+    assert_quotient(res["qlora_over_lora"], res["qlora_step_s"], res["lora_step_s"])
     assert np.isfinite(res["lora_mfu"])

@@ -1,8 +1,10 @@
 """Tests for lora_jax.runner.build: rules from config sections, checks of a config against model shapes."""
 
 import dataclasses
+import math
 import re
 
+import numpy as np
 import pytest
 
 from lora_jax import config as C
@@ -159,3 +161,104 @@ def test_a_data_path_that_is_a_folder_is_named(tiny_gguf, tmp_path):
     cfg = _run(tiny_gguf, tmp_path, **{"name": "text", "path": str(tmp_path)})
     with pytest.raises(ConfigError, match=r"r: task\.path: '.*' is a folder, not a file"):
         build.validate_runs([("r", cfg)])
+
+
+# ----------------------------------------------------------------------------
+# The optimizer a config asks for, against Adam/AdamW/SGD written out in numpy
+
+
+def reference_lr(o: C.OptimConfig, steps: int, t: int) -> float:
+    """The learning rate of step ``t`` (0-based), from the config's documented meaning."""
+    w = o.warmup_steps
+    if w and t < w:
+        return o.lr * t / w  # linear warm-up from 0
+    s, decay = t - w, max(1, steps - w)
+    if o.schedule == "cosine":
+        return o.lr * 0.5 * (1 + math.cos(math.pi * min(s, decay) / decay))
+    if o.schedule == "linear":
+        return o.lr * max(0.0, 1 - s / decay)
+    return o.lr
+
+
+def reference_updates(o: C.OptimConfig, steps: int, params: dict, grads: list[dict]) -> list[dict]:
+    """Updates of clip -> Adam(W)/SGD with LoRA+ in float64, one dict ``{path: update}`` per step."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v2 = {k: np.zeros_like(v) for k, v in p.items()}
+    b1, b2 = o.betas
+    out = []
+    for t, g in enumerate(grads):
+        g = {k: np.asarray(x, np.float64) for k, x in g.items()}
+        norm = math.sqrt(sum(float((x**2).sum()) for x in g.values()))
+        if o.grad_clip and norm > o.grad_clip:
+            g = {k: x * (o.grad_clip / norm) for k, x in g.items()}
+        lr = reference_lr(o, steps, t)
+        upd = {}
+        for k, x in g.items():
+            rate = lr * (o.lora_plus_ratio if o.lora_plus_ratio and k.endswith("lora_b") else 1.0)
+            if o.name == "sgd":
+                u = x
+            else:
+                m[k] = b1 * m[k] + (1 - b1) * x
+                v2[k] = b2 * v2[k] + (1 - b2) * x**2
+                u = (m[k] / (1 - b1 ** (t + 1))) / (np.sqrt(v2[k] / (1 - b2 ** (t + 1))) + 1e-8)
+                if o.name == "adamw":
+                    u = u + o.weight_decay * p[k]
+            upd[k] = -rate * u
+            p[k] = p[k] + upd[k]
+        out.append(upd)
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_lr_schedule_warms_up_then_follows_the_schedule(schedule, warmup):
+    o = C.OptimConfig(lr=0.02, schedule=schedule, warmup_steps=warmup)
+    sched = build.make_lr_schedule(o, 10)
+    got = [float(sched(t)) for t in range(13)]
+    np.testing.assert_allclose(got, [reference_lr(o, 10, t) for t in range(13)], rtol=1e-6, atol=1e-9)
+    if warmup:
+        assert got[0] == 0 and got[warmup] == pytest.approx(0.02)
+    if schedule != "constant":
+        assert got[10] == pytest.approx(0, abs=1e-9)
+
+
+OPTIMIZERS = {
+    "adamw_cosine_warmup_clip_loraplus": dict(name="adamw", lr=0.05, schedule="cosine", warmup_steps=1,
+                                              grad_clip=0.5, lora_plus_ratio=4.0, betas=(0.8, 0.95),
+                                              weight_decay=0.1),
+    "adam_linear_noclip": dict(name="adam", lr=0.03, schedule="linear", grad_clip=None, betas=(0.7, 0.9)),
+    "sgd_constant_clip_loraplus": dict(name="sgd", lr=0.1, grad_clip=2.0, lora_plus_ratio=16.0),
+    "adamw_defaults": dict(name="adamw", lr=0.01, weight_decay=0.01),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_make_optimizer_updates_match_adam_written_out(name):
+    import jax
+    import jax.numpy as jnp
+
+    from lora_jax import lora, paths
+
+    o = C.OptimConfig(**OPTIMIZERS[name])
+    steps = 4
+    base = {"q": {"kernel": jnp.ones((6, 5))}, "v": {"kernel": jnp.ones((6, 3))}}
+    trainable, _ = paths.split(lora.init(jax.random.key(0), base, [lora.LoraRule(pattern=".*kernel", rank=2)]))
+    trainable = jax.tree.map(lambda x: x + 0.3, trainable)  # non-zero B, so weight decay shows on both factors
+    rng = np.random.default_rng(0)
+    # Gradients of global norm ~5: above every clip threshold above, so clipping changes them.
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), trainable)
+             for _ in range(3)]  # fmt: skip
+    tx = build.make_optimizer(o, steps)
+    state, params, got = tx.init(trainable), trainable, []
+    for g in grads:
+        updates, state = tx.update(g, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        got.append(dict(paths.leaves_with_paths(updates)))
+    flat = dict(paths.leaves_with_paths(trainable))
+    assert sorted(flat) == ["q/kernel/lora_a", "q/kernel/lora_b", "v/kernel/lora_a", "v/kernel/lora_b"]
+    want = reference_updates(o, steps, flat, [dict(paths.leaves_with_paths(g)) for g in grads])
+    for t in range(3):
+        for k in flat:
+            np.testing.assert_allclose(np.asarray(got[t][k]), want[t][k], rtol=2e-5, atol=1e-8, err_msg=f"{k} {t}")
+    assert any(np.abs(want[t][k]).max() > 1e-4 for t in range(3) for k in flat)

@@ -162,6 +162,64 @@ def test_import_hand_written_peft(tmp_path):
     assert adapted["layers"][1]["attn"]["q_proj"]["kernel"] is params["layers"][1]["attn"]["q_proj"]["kernel"]
 
 
+def _random_peft_factors(rng, modules: dict[str, tuple[int, int]], r: int) -> dict[str, np.ndarray]:
+    """PEFT tensors with random values: lora_A ``(r, d_in)`` and lora_B ``(d_out, r)`` per module."""
+    out = {}
+    for m, (d_in, d_out) in modules.items():
+        out[f"base_model.model.{m}.lora_A.weight"] = rng.normal(size=(r, d_in)).astype(np.float32)
+        out[f"base_model.model.{m}.lora_B.weight"] = rng.normal(size=(d_out, r)).astype(np.float32)
+    return out
+
+
+def test_import_random_nonsquare_peft_factors_matches_peft_in_torch(tmp_path):
+    """Random factors (no value or shape symmetry to hide a swap or a missing transpose), checked against PEFT."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    params = tiny_base()
+    attn = "model.layers.0.self_attn"
+    modules = {f"{attn}.q_proj": (32, 32), f"{attn}.k_proj": (32, 16)}  # k_proj: 32 -> 16 (2 kv heads)
+    tensors = _random_peft_factors(np.random.default_rng(0), modules, r=3)
+    d = _peft_dir(tmp_path / "p", {"r": 3, "lora_alpha": 5, "lora_dropout": 0.1,
+                                   "target_modules": ["q_proj", "k_proj"]}, tensors)  # fmt: skip
+    adapted = io_peft.import_peft(d, params, "llama")
+    nodes = dict(lora.nodes(adapted))
+    assert sorted(nodes) == ["layers/0/attn/k_proj/kernel", "layers/0/attn/q_proj/kernel"]
+    # PEFT's definition: W_torch (out, in) + (alpha / r) * lora_B @ lora_A; our kernel is (in, out).
+    for role in ("q_proj", "k_proj"):
+        node = nodes[f"layers/0/attn/{role}/kernel"]
+        assert node.dropout == pytest.approx(0.1) and node.scale == pytest.approx(5 / 3)
+        a, b = (tensors[f"base_model.model.{attn}.{role}.lora_{f}.weight"] for f in "AB")
+        want = np.asarray(params["layers"][0]["attn"][role]["kernel"]) + (5 / 3 * b.astype(np.float64) @ a).T
+        np.testing.assert_allclose(np.asarray(lora.merge(adapted)["layers"][0]["attn"][role]["kernel"]), want,
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+
+    # The same folder read by PEFT onto torch Linear layers holding the same base weights.
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj = torch.nn.Linear(32, 32, bias=False), torch.nn.Linear(32, 16, bias=False)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+            self.model.layers[0].self_attn = Attn()
+
+    base = Tiny()
+    with torch.no_grad():
+        for role in ("q_proj", "k_proj"):
+            w = np.asarray(params["layers"][0]["attn"][role]["kernel"]).T
+            getattr(base.model.layers[0].self_attn, role).weight.copy_(torch.from_numpy(w.copy()))
+    theirs = peft.PeftModel.from_pretrained(base, str(d)).eval().base_model.model.model.layers[0].self_attn
+    x = np.random.default_rng(1).normal(size=(5, 32)).astype(np.float32)
+    with torch.no_grad():
+        for role in ("q_proj", "k_proj"):
+            ref = getattr(theirs, role)(torch.from_numpy(x)).numpy()
+            ours = np.asarray(jnp.asarray(x) @ adapted["layers"][0]["attn"][role]["kernel"])
+            assert rel(ours, ref) <= 1e-5, role
+
+
 @pytest.mark.parametrize(
     ("config", "tensors", "match"),
     [

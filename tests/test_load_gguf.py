@@ -31,6 +31,19 @@ def write_gguf(path, params, cfg, **kwargs):
     return tiny_models.write_gguf(path, params, cfg, tokens=tokens, token_types=types, merges=["a b"], **kwargs)
 
 
+def hf_rows(gguf_rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order by index, independently of the loader's reshape.
+
+    llama.cpp's converter (``permute`` in convert_hf_to_gguf.py, written out in
+    ``tiny_models.permute_for_gguf``) puts Hugging Face row ``perm[i]`` at GGUF row ``i``.
+    """
+    perm = tiny_models.permute_for_gguf(np.arange(gguf_rows.shape[0]), n_heads).reshape(-1)
+    assert sorted(perm.tolist()) == list(range(gguf_rows.shape[0]))
+    out = np.empty_like(gguf_rows)
+    out[perm] = gguf_rows
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_params():
     return llama.init(jax.random.key(3), TINY)
@@ -68,11 +81,17 @@ def test_quantized_import_is_exact(tmp_path, tiny_params, kind, fmt):
     q = params["layers"][1]["attn"]["q_proj"]["kernel"]
     assert isinstance(q, quant.QTensor) and q.format == fmt and q.block_size == 32
     dense = jax.jit(lambda t: t.dequantize())
-    # gguf's rows are outputs: our kernel is the transpose; q/k rows un-permuted per head
-    expect_q = load_gguf.unpermute_rope_rows(ref["blk.1.attn_q.weight"], TINY.n_heads).T
+    # gguf's rows are outputs: our kernel is the transpose. The file holds q/k rows in llama.cpp's
+    # RoPE order; blocks run along the input axis, so gguf's quantization of the unpermuted (Hugging
+    # Face order) weight gives the rows the loader must return, without any permutation code.
+    def roundtrip(kernel):
+        return gguf.quants.dequantize(gguf.quants.quantize(np.asarray(kernel).T.copy(), Q[kind]), Q[kind]).T
+
+    expect_q = roundtrip(tiny_params["layers"][1]["attn"]["q_proj"]["kernel"])
+    np.testing.assert_array_equal(expect_q.T, hf_rows(ref["blk.1.attn_q.weight"], TINY.n_heads))
     np.testing.assert_array_equal(np.asarray(dense(q)), expect_q)
     np.testing.assert_array_equal(np.asarray(deq["layers"][1]["attn"]["q_proj"]["kernel"]), expect_q)
-    expect_k = load_gguf.unpermute_rope_rows(ref["blk.0.attn_k.weight"], TINY.n_kv_heads).T
+    expect_k = roundtrip(tiny_params["layers"][0]["attn"]["k_proj"]["kernel"])
     np.testing.assert_array_equal(np.asarray(dense(params["layers"][0]["attn"]["k_proj"]["kernel"])), expect_k)
     down = params["layers"][0]["mlp"]["down_proj"]["kernel"]
     np.testing.assert_array_equal(np.asarray(dense(down)), ref["blk.0.ffn_down.weight"].T)
@@ -233,7 +252,7 @@ def test_smollm2_quantized_import_exact(smol_path, smol_float):
         lp = params["layers"][i]
         assert lp["mlp"]["up_proj"]["kernel"].format == "int4_asym"  # Q4_1
         np.testing.assert_array_equal(np.asarray(dense(lp["mlp"]["up_proj"]["kernel"])), gg(f"blk.{i}.ffn_up.weight").T)
-        q_ref = load_gguf.unpermute_rope_rows(gg(f"blk.{i}.attn_q.weight"), 9).T
+        q_ref = hf_rows(gg(f"blk.{i}.attn_q.weight"), 9).T
         np.testing.assert_array_equal(np.asarray(dense(lp["attn"]["q_proj"]["kernel"])), q_ref)
         np.testing.assert_array_equal(np.asarray(smol_float[0]["layers"][i]["attn"]["q_proj"]["kernel"]), q_ref)
 

@@ -1,7 +1,9 @@
 """The runner end to end on a tiny GGUF model: results, resume after SIGKILL, failures, plots."""
 
 import csv
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -9,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 import yaml
 from tiny_models import write_tiny_chat_gguf
@@ -213,3 +216,104 @@ def test_a_run_interrupted_in_its_final_evaluation_resumes_with_every_metric(tmp
     for k in ("train_loss", "val_loss"):
         assert got[k] == pytest.approx(expected[k], rel=1e-6), k
     assert got["step_time_s"] > 0 and got["tokens_per_s"] > 0
+
+
+# ----------------------------------------------------------------------------
+# plan, eval, generate and models run for real on the tiny model
+
+# Trainable parameters of rank-1 adapters on the seven projections of the tiny chat model (dim 32,
+# 4 query / 2 key-value heads of 8, ffn 64, 2 layers): r * (d_in + d_out) summed by hand.
+PER_RANK = 2 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32) + (32 + 64) + (32 + 64) + (64 + 32))
+
+
+def plan_table(capsys) -> list[dict[str, str]]:
+    header, *rows = capsys.readouterr().out.strip().splitlines()
+    return [dict(zip(header.split(), row.split(), strict=True)) for row in rows]
+
+
+def test_plan_prints_one_row_per_run_with_the_parameter_counts(tmp_path, tiny_gguf, capsys):
+    from lora_jax.models import registry
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf, sweep={"lora.rank": [1, 2]})
+    assert cli.main(["plan", str(cfg), "--no-compile"]) == 0
+    rows = plan_table(capsys)
+    params, _, _ = registry.load_model(str(tiny_gguf), dequantize=True)
+    total = sum(x.size for x in jax.tree.leaves(params))
+    assert [(r["method"], r["rank"]) for r in rows] == [("lora", "1"), ("lora", "2")]
+    for rank, row in zip((1, 2), rows):
+        assert list(row)[:7] == ["run", "method", "rank", "trainable", "frozen", "base_mb", "base_bits"]
+        assert row["trainable"] == f"{rank * PER_RANK:,}" and row["frozen"] == f"{total:,}"
+        assert float(row["base_mb"]) == pytest.approx(4 * total / 1e6, abs=0.05) and row["base_bits"] == "32.0"
+    # With XLA's cost analysis (one run): the step's arguments hold at least the float32 base.
+    assert cli.main(["plan", str(write_config(tmp_path / "one.yaml", tiny_gguf))]) == 0
+    (row,) = plan_table(capsys)
+    assert row["trainable"] == f"{2 * PER_RANK:,}" and "gflop_per_step" in row
+    assert float(row["step_args_mb"]) >= float(row["base_mb"]) > 0
+
+
+@pytest.fixture(scope="module")
+def hand_adapter(tiny_gguf, tmp_path_factory):
+    """An adapter folder with large random B, so it changes what the model says: ``(folder, adapted params)``."""
+    from lora_jax import lora
+    from lora_jax.io import adapters
+    from lora_jax.models import registry
+
+    params, _, _ = registry.load_model(str(tiny_gguf), dequantize=True)
+    rule = lora.LoraRule(pattern=r"layers/\d+/(attn/(q|v)_proj|mlp/down_proj)/kernel", rank=4, alpha=8)
+    adapted = jax.tree.map(
+        lambda x: dataclasses.replace(x, lora_b=2.0 * jax.random.normal(jax.random.key(9), x.lora_b.shape))
+        if lora.is_lora(x) else x,
+        lora.init(jax.random.key(8), params, [rule]), is_leaf=lora.is_lora)  # fmt: skip
+    folder = adapters.save_adapter(tmp_path_factory.mktemp("adapter") / "a", adapted, rules=[rule])
+    return folder, adapted
+
+
+def test_eval_scores_the_base_and_the_adapter_given(tmp_path, tiny_gguf, hand_adapter, capsys):
+    from lora_jax import config, lora
+    from lora_jax.runner import build, evaluate
+
+    folder, adapted = hand_adapter
+    cfg_file = write_config(tmp_path / "c.yaml", tiny_gguf, **{"task.n_eval_generate": 0})
+    cfg = config.load_config(cfg_file)
+    ctx = build.prepare(dataclasses.replace(cfg, method="base"), build.load_model(cfg.model))
+    want = {"base": evaluate.evaluate(ctx, ctx.model.params)["val_loss"],
+            "adapter": evaluate.evaluate(ctx, lora.merge(adapted))["val_loss"]}  # fmt: skip
+    assert abs(want["adapter"] - want["base"]) > 1e-2
+    for which, extra in (("base", []), ("adapter", ["--adapter", str(folder)])):
+        assert cli.main(["eval", str(cfg_file), *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["val_loss"] == pytest.approx(want[which], rel=1e-5), which
+        assert out["val_ppl"] == pytest.approx(math.exp(want[which]), rel=1e-5)
+
+
+def test_generate_answers_as_generate_text_with_and_without_the_adapter(tiny_gguf, hand_adapter, capsys):
+    from lora_jax import generate
+    from lora_jax.models import registry
+
+    folder, adapted = hand_adapter
+    params, cfg, tok = registry.load_model(str(tiny_gguf), dequantize=True)
+    prompts = ["hello there", "what is up"]
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    want = {}
+    for which, p in (("base", params), ("adapter", adapted)):
+        want[which] = generate.generate_text(p, cfg, tok, chats, chat=True, max_new_tokens=6)
+    assert want["base"] != want["adapter"]
+    for which, extra in (("base", []), ("adapter", ["--adapter", str(folder)])):
+        argv = ["generate", "--model", str(tiny_gguf), "--max-new-tokens", "6", *extra]
+        assert cli.main([*argv, "--prompt", prompts[0], "--prompt", prompts[1]]) == 0
+        assert capsys.readouterr().out == "".join(t + "\n" for t in want[which]), which
+
+
+def test_models_lists_every_registered_model_and_whether_it_is_installed(capsys):
+    import importlib.util
+
+    from lora_jax.models import registry
+
+    assert cli.main(["models"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == set(registry.MODELS) and {"smollm2-135m", "minilm-l6"} <= set(out)
+    for name, row in out.items():
+        spec = registry.MODELS[name]
+        assert row["description"] == spec.description and row["description"]
+        assert row["install"].startswith("pip install") and spec.package.replace("_", "-") in row["install"]
+        assert row["installed"] is (importlib.util.find_spec(spec.package) is not None), name

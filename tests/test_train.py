@@ -244,3 +244,78 @@ def test_block_causal_attention_equals_unblocked(monkeypatch):
     full = loss_and_grad()
     np.testing.assert_allclose(blocked[0], full[0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), blocked[1], full[1])
+
+
+def _identity_adapter(d: int, dropout: float) -> lora.LoraWeight:
+    """A zero base with A = B = I: ``x @ w`` is the adapter's input after dropout, so the mask shows."""
+    eye = jnp.eye(d)
+    return lora.LoraWeight(jnp.zeros((d, d)), eye, eye, 1.0, 1, dropout)
+
+
+def test_train_step_drops_out_with_a_fresh_mask_per_layer_and_per_step():
+    """Dropout in the train step: applied, rescaled by 1/keep, one key per LoRA layer, a new key every step."""
+    d, rows, rate = 64, 8, 0.5
+    params = {"l0": {"kernel": _identity_adapter(d, rate)}, "l1": {"kernel": _identity_adapter(d, rate)}}
+    x = jnp.ones((rows, d))
+
+    def loss(p, x):
+        y0, y1 = x @ p["l0"]["kernel"], x @ p["l1"]["kernel"]
+        return jnp.mean(y0 + y1), {"y0": y0, "y1": y1}
+
+    tx = optax.sgd(0.0)  # the factors stay I: each step's outputs are its masks
+    step = train.make_train_step(loss, tx)
+    state = train.init_state(params, tx, jax.random.key(5))
+    state, m1 = step(state, x)
+    state, m2 = step(state, x)
+    n = rows * d
+    for m in (m1, m2):
+        for y in (np.asarray(m["y0"]), np.asarray(m["y1"])):
+            # Inverted dropout: a kept input is scaled by 1/keep, a dropped one is 0.
+            assert set(np.unique(y)) <= {0.0, 1 / (1 - rate)}, np.unique(y)
+            kept = float(np.mean(y != 0))
+            # Binomial(n, 1-rate): 6 standard deviations either side (a false failure has p < 1e-8).
+            assert abs(kept - (1 - rate)) < 6 * np.sqrt(rate * (1 - rate) / n), kept
+    masks = [np.asarray(m[k]) != 0 for m in (m1, m2) for k in ("y0", "y1")]
+    for i in range(4):
+        for j in range(i):
+            # Two independent masks agree on about half the inputs; shared keys give identical masks.
+            agree = float(np.mean(masks[i] == masks[j]))
+            assert abs(agree - 0.5) < 6 * np.sqrt(0.25 / n), (i, j, agree)
+    # Evaluation applies no dropout at all.
+    t, f = lj.split(state.params)
+    ev = train.make_eval_step(loss)(t, f, x)
+    np.testing.assert_array_equal(ev["y0"], x)
+    np.testing.assert_array_equal(ev["y1"], x)
+
+
+def _remat_eqns(jaxpr) -> int:
+    """Number of rematerialised (``jax.checkpoint``) calls in a jaxpr, nested ones included."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name in ("checkpoint", "remat", "remat2")
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            n += _remat_eqns(sub)
+    return n
+
+
+def test_remat_gives_the_loss_and_gradients_of_the_plain_forward(setup):
+    params, batch = setup
+    adapted = lora.init(jax.random.key(2), params, [lj.LoraRule(pattern=SEVEN, rank=4, alpha=8)])
+    adapted = jax.tree.map(  # non-zero B: A gets a gradient too
+        lambda x: dataclasses.replace(x, lora_b=0.1 * jax.random.normal(jax.random.key(4), x.lora_b.shape))
+        if lora.is_lora(x) else x,
+        adapted, is_leaf=lora.is_lora)
+    t, f = lj.split(adapted)
+
+    def objective(remat):
+        return lambda t: llama.loss(lj.combine(t, f), batch, CFG, remat=remat)[0]
+
+    (l0, g0), (l1, g1) = (jax.jit(jax.value_and_grad(objective(r)))(t) for r in (False, True))
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    flat0, flat1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
+    assert len(flat0) == 28 and all(float(jnp.abs(g).max()) > 0 for g in flat0)
+    for a, b in zip(flat0, flat1, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    # remat=True really rematerialises: one checkpointed call per layer, none without it.
+    assert _remat_eqns(jax.make_jaxpr(objective(True))(t).jaxpr) == CFG.n_layers
+    assert _remat_eqns(jax.make_jaxpr(objective(False))(t).jaxpr) == 0
