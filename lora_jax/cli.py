@@ -14,7 +14,8 @@ subcommand runs, :func:`process_settings` applies the host allocator settings
 of :mod:`lora_jax.hostmem` (``LORA_JAX_MALLOC=system`` keeps the system's).
 Errors in the user's input (:class:`lora_jax.errors.LoraJaxError`, and OS
 errors on the paths it names, explained by :func:`explain_os_error`) print as
-one paragraph with exit code 2; Ctrl-C says how to resume and
+one paragraph with exit code 2; a sweep whose runs all ran but some failed
+(a loss that became NaN) exits 1 naming them; Ctrl-C says how to resume and
 exits with 130; anything else is a bug and keeps its traceback.
 """
 
@@ -107,6 +108,14 @@ def cmd_sweep(a) -> int:
 
     out = sweep.run_sweep(a.config, a.overrides, quiet=a.quiet, output_dir=a.output_dir)
     print(f"results: {out / 'results.csv'}\nfigures: {out / 'figures'}")
+    failed = sweep.failed_runs(out)
+    if failed:
+        # Every other run finished and is recorded; a script running sweeps still sees that some did not.
+        shown = "; ".join(f"{name}: {reason}" for name, reason in failed[:5])
+        more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+        print(f"lora-jax sweep: {len(failed)} run(s) failed: {shown}{more}. Their reasons are in results.csv; "
+              "fix the cause and run the same command again (finished runs are kept).", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -118,14 +118,18 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, ti
     assert steps == list(range(1, 241)), "each step logged exactly once after the resume"
 
 
-def test_a_diverging_run_is_marked_failed_and_the_sweep_goes_on(tmp_path, tiny_gguf):
+def test_a_diverging_run_is_marked_failed_and_the_sweep_goes_on(tmp_path, tiny_gguf, capsys):
     cfg = write_config(tmp_path / "c.yaml", tiny_gguf, **{"optim.grad_clip": None, "optim.name": "sgd"},
                        sweep={"optim.lr": [1e30, 1e-3]})
     out = tmp_path / "runs"
-    assert cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out)]) == 0
+    # the other run finishes and everything is written, but the command says that one failed
+    assert cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out)]) == 1
     rows = read_csv(out / "t" / "results.csv")
     assert [r["status"] for r in rows] == ["failed", "finished"]
     assert "loss became" in rows[0]["reason"]
+    err = capsys.readouterr().err
+    assert f"1 run(s) failed: {rows[0]['run']}: loss became" in err and "Traceback" not in err
+    assert (out / "t" / "figures").is_dir()
 
 
 def test_plots_come_from_stored_files_in_a_process_without_training_code(tmp_path, tiny_gguf):

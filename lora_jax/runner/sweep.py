@@ -125,6 +125,15 @@ def write_results(sweep_dir: Path, summaries: list[dict]) -> Path:
     return path
 
 
+def failed_runs(sweep_dir: Path) -> list[tuple[str, str]]:
+    """``(run, reason)`` of every run that ``results.csv`` records as failed."""
+    path = Path(sweep_dir) / "results.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [(r.get("run", ""), r.get("reason", "")) for r in csv.DictReader(f) if r.get("status") == "failed"]
+
+
 def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = False, plots: bool = True,
               output_dir: str | None = None) -> Path:
     """Run every run of a config's sweep (skipping finished ones); write results and figures.
