@@ -180,7 +180,8 @@ def test_import_random_nonsquare_peft_factors_matches_peft_in_torch(tmp_path):
     modules = {f"{attn}.q_proj": (32, 32), f"{attn}.k_proj": (32, 16)}  # k_proj: 32 -> 16 (2 kv heads)
     tensors = _random_peft_factors(np.random.default_rng(0), modules, r=3)
     d = _peft_dir(tmp_path / "p", {"r": 3, "lora_alpha": 5, "lora_dropout": 0.1,
-                                   "target_modules": ["q_proj", "k_proj"]}, tensors)  # fmt: skip
+                                   "target_modules": ["q_proj", "k_proj"], "layers_to_transform": [0]},
+                     tensors)  # fmt: skip
     adapted = io_peft.import_peft(d, params, "llama")
     nodes = dict(lora.nodes(adapted))
     assert sorted(nodes) == ["layers/0/attn/k_proj/kernel", "layers/0/attn/q_proj/kernel"]
