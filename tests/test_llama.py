@@ -41,8 +41,8 @@ def test_dot_product_attention_equals_blocked_logits_and_gradients(params, pad):
     tokens = jax.random.randint(jax.random.key(1), (2, T), 0, CFG.vocab_size)
     mask = padding(pad)
     am = None if mask is None else jnp.asarray(mask)
-    logits = {a: np.asarray(llama.apply(params, tokens, CFG, attention_mask_BT=am, attention=a))
-              for a in ("blocked", "dot_product")}
+    apply = jax.jit(lambda p, a: llama.apply(p, tokens, CFG, attention_mask_BT=am, attention=a), static_argnums=1)
+    logits = {a: np.asarray(apply(params, a)) for a in ("blocked", "dot_product")}
     real = np.ones((2, T), bool) if mask is None else mask.astype(bool)  # left padding's outputs are unspecified
     diff = np.max(np.abs(logits["dot_product"][real] - logits["blocked"][real])) / np.max(np.abs(logits["blocked"]))
     assert diff <= 1e-5, diff
@@ -50,8 +50,8 @@ def test_dot_product_attention_equals_blocked_logits_and_gradients(params, pad):
     if pad == "left":
         loss_mask = loss_mask.at[1, 41].set(0)  # the first real token is no target
     batch = {"tokens": tokens, "loss_mask": loss_mask, **({} if am is None else {"attention_mask": am})}
-    grads = {a: jax.grad(lambda p, a=a: llama.loss(p, batch, CFG, attention=a)[0])(params)
-             for a in ("blocked", "dot_product")}
+    grad = jax.jit(jax.grad(lambda p, a: llama.loss(p, batch, CFG, attention=a)[0]), static_argnums=1)
+    grads = {a: grad(params, a) for a in ("blocked", "dot_product")}
     jax.tree.map(lambda g, h: np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6),
                  grads["dot_product"], grads["blocked"])
 
