@@ -27,6 +27,7 @@ import numpy as np
 
 from lora_jax.errors import GenerateError
 from lora_jax.models import llama as _llama
+from lora_jax.models import stacking as _stacking
 
 PyTree = Any
 
@@ -215,7 +216,7 @@ def generate(
         key = jax.random.key(0)
     out = np.asarray(
         _decode(
-            params,
+            _stacking.unstack_layers(params),  # the KV-cache path runs unrolled; slice stacked layers once
             jnp.asarray(tokens),
             jnp.asarray(mask),
             key,

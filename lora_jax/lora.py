@@ -308,6 +308,12 @@ class LoraRule:
       rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
       in_dims: how many leading kernel axes are inputs (``DenseGeneral`` kernels
         ``(heads, head_dim, d_model)`` that contract two axes use 2).
+      stacked_axes: how many leading axes stack independent weights (the layer
+        axis of :func:`lora_jax.models.stacking.stack_layers`, a ``flax`` scan):
+        each slice gets its own factors, ``A (*lead, d_in, r)``, ``B (*lead, r, d_out)``.
+        ``lora.init`` refuses a 3-D kernel under a stacked ``layers`` node
+        (path ``layers/<name>/...``) when this is 0, instead of taking the
+        layer axis for an input axis.
     """
 
     pattern: str
@@ -317,6 +323,7 @@ class LoraRule:
     init: str | InitFn = "kaiming"
     rslora: bool = False
     in_dims: int = 1
+    stacked_axes: int = 0
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -332,6 +339,10 @@ class LoraRule:
             )
         if not isinstance(self.in_dims, int) or self.in_dims < 1:
             raise LoraError(f"LoraRule({self.pattern!r}): in_dims must be an int >= 1, got {self.in_dims!r}")
+        if isinstance(self.stacked_axes, bool) or not isinstance(self.stacked_axes, int) or self.stacked_axes < 0:
+            raise LoraError(
+                f"LoraRule({self.pattern!r}): stacked_axes must be an int >= 0, got {self.stacked_axes!r}"
+            )
 
     @property
     def scale(self) -> float:
@@ -373,6 +384,12 @@ def _init_factors(key, w, rule: LoraRule, d_in: int, d_out: int, dtype):
     return a, jnp.zeros((r, d_out), dtype)
 
 
+def full_shape(w: Any) -> tuple[int, ...]:
+    """The shape of a weight including stacked leading axes (a stacked quantized leaf reports its per-layer shape)."""
+    shape, codes = tuple(getattr(w, "shape", ())), getattr(w, "codes", None)
+    return (tuple(np.shape(codes)[:-2]) if is_node(w) and np.ndim(codes) > 2 else ()) + shape
+
+
 def init(key: jax.Array, params: PyTree, rules: Sequence[LoraRule]) -> PyTree:
     """Replace every leaf matched by ``rules`` with a :class:`LoraWeight`.
 
@@ -385,10 +402,16 @@ def init(key: jax.Array, params: PyTree, rules: Sequence[LoraRule]) -> PyTree:
       The same tree with targeted weights replaced by LoRA nodes. At init
       ``B = 0``, so the adapted model computes exactly what the base computes.
 
+    Stacked layers (:func:`lora_jax.models.stacking.stack_layers`): init the
+    unrolled params and stack after (rules keep their per-layer paths), or give
+    the rule ``stacked_axes=1`` and a stacked path (``layers/attn/q_proj/kernel``).
+
     Raises:
       RuleError: a rule matches nothing (or only paths an earlier rule took).
-      LoraError: a rule matches a non-matrix leaf, an already adapted leaf, or
-        asks for a rank larger than ``min(d_in, d_out)``. Both are ``ValueError`` s.
+      LoraError: a rule matches a non-matrix leaf, an already adapted leaf, a
+        stacked kernel without ``stacked_axes``, or asks for a rank larger
+        than ``min(d_in, d_out)``; a per-layer rule meets stacked params.
+        Both are ``ValueError`` s.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -400,33 +423,56 @@ def init(key: jax.Array, params: PyTree, rules: Sequence[LoraRule]) -> PyTree:
       ParamCount(trainable=4608, frozen=32768, total=37376, adapted=32768)
       >>> round(count(params).reduction, 3)
       0.859
+      >>> stacked = {"layers": {"q": {"kernel": jnp.ones((3, 16, 8))}}}
+      >>> node = init(jax.random.key(0), stacked, [LoraRule(pattern=".*kernel", rank=2, stacked_axes=1)])
+      >>> node["layers"]["q"]["kernel"].lora_a.shape, node["layers"]["q"]["kernel"].lora_b.shape
+      ((3, 16, 2), (3, 2, 8))
     """
-    index = {p: i for i, (p, _) in enumerate(_paths.leaves_with_paths(params, is_leaf=is_node))}
+    leaves = _paths.leaves_with_paths(params, is_leaf=is_node)
+    index = {p: i for i, (p, _) in enumerate(leaves)}
+    _paths.check_stacked_rules([p for p, _ in leaves], rules, LoraError)
 
     def adapt(path: str, w: Any, rule: LoraRule) -> LoraWeight:
         if isinstance(w, LoraWeight):
             raise LoraError(f"{rule!r} matched {path!r}, which is already a LoRA weight")
-        shape = tuple(getattr(w, "shape", ()))
+        full = full_shape(w)
+        if rule.stacked_axes == 0 and rule.in_dims == 1 and len(full) == 3 and _paths.STACKED_PATH.search(path):
+            raise LoraError(
+                f"{rule!r} matched {path!r} of shape {full}, a kernel under a stacked 'layers' node: its "
+                "leading axis indexes layers, not inputs. Pass stacked_axes=1 to the rule "
+                "(LoraRule(..., stacked_axes=1)) for one adapter per layer, or init the unrolled params "
+                "and stack after (lora_jax.models.stacking.stack_layers)."
+            )
+        lead, shape = full[: rule.stacked_axes], full[rule.stacked_axes :]
         if len(shape) < 2:
             raise LoraError(
-                f"{rule!r} matched {path!r} of shape {shape}, which is not a matrix: LoRA "
-                "targets kernels with at least 2 axes. Narrow the pattern (e.g. end it in 'kernel')."
+                f"{rule!r} matched {path!r} of shape {full}, which is not a matrix: LoRA "
+                "targets kernels with at least 2 axes (after stacked_axes). Narrow the pattern (e.g. end it "
+                "in 'kernel')."
             )
         if rule.in_dims >= len(shape):
             raise LoraError(
-                f"{rule!r} matched {path!r} of shape {shape}: in_dims={rule.in_dims} leaves no output axis"
+                f"{rule!r} matched {path!r} of shape {full}: in_dims={rule.in_dims} leaves no output axis"
             )
         d_in = math.prod(shape[: rule.in_dims])
         d_out = math.prod(shape[rule.in_dims :])
         if rule.rank > min(d_in, d_out):
             raise LoraError(
                 f"{rule!r}: rank {rule.rank} is larger than min(d_in, d_out) = {min(d_in, d_out)} "
-                f"for {path!r} of shape {shape}"
+                f"for {path!r} of shape {full}"
             )
         dtype = w.dtype
         if not jnp.issubdtype(dtype, jnp.floating):
             raise LoraError(f"{rule!r} matched {path!r} with dtype {dtype}; LoRA needs a float weight")
-        a, b = _init_factors(jax.random.fold_in(key, index[path]), w, rule, d_in, d_out, dtype)
+        k = jax.random.fold_in(key, index[path])
+        if not lead:
+            a, b = _init_factors(k, w, rule, d_in, d_out, dtype)
+        else:
+            flat = jax.tree.map(lambda c: c.reshape(-1, *np.shape(c)[len(lead) :]), w)  # quantized: its children
+            pairs = [_init_factors(jax.random.fold_in(k, j), jax.tree.map(lambda c, j=j: c[j], flat), rule, d_in,
+                                   d_out, dtype) for j in range(math.prod(lead))]
+            a = jnp.stack([p[0] for p in pairs]).reshape(*lead, d_in, rule.rank)
+            b = jnp.stack([p[1] for p in pairs]).reshape(*lead, rule.rank, d_out)
         return LoraWeight(w, a, b, rule.scale, rule.in_dims, rule.dropout)
 
     return _paths.map_rules(params, rules, adapt, is_leaf=is_node, what="LoRA rule", rule_type=LoraRule,
@@ -526,7 +572,7 @@ class ParamCount(NamedTuple):
 
 
 def _size(x) -> int:
-    return int(np.prod(getattr(x, "shape", ()))) if x is not None else 0
+    return int(np.prod(full_shape(x))) if x is not None else 0
 
 
 def count(params: PyTree) -> ParamCount:

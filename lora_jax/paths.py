@@ -223,6 +223,45 @@ def map_rules(
     return treedef.unflatten(out)
 
 
+STACKED_PATH = re.compile(r"(?:^|/)layers/(?!\d+(?:/|$))")
+"""A path under a stacked ``layers`` node (``layers/attn/q_proj/kernel``), not under one layer (``layers/3/...``)."""
+
+
+def check_stacked_rules(paths: Sequence[str], rules: Sequence[Rule], error: type[Exception] = RuleError) -> None:
+    """Raise ``error`` for a rule written for single layers' paths (``layers/0/...``) that meets stacked paths.
+
+    A stacked weight (``layers/attn/q_proj/kernel``, see
+    :func:`lora_jax.models.stacking.stack_layers`) holds every layer, so a
+    rule cannot pick layers of it; without this check such a rule would only
+    "match nothing".
+
+    Examples:
+      >>> import dataclasses
+      >>> @dataclasses.dataclass
+      ... class R:
+      ...   pattern: str
+      >>> check_stacked_rules(["layers/attn/q/kernel"], [R(r"layers/\\d+/attn/q/kernel")])  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      lora_jax.errors.RuleError: R(pattern='layers/\\\\d+/attn/q/kernel') is written for the paths of single layers ...
+    """
+    stacked = [p for p in paths if STACKED_PATH.search(p)]
+    for rule in rules if stacked else ():
+        rx = re.compile(rule.pattern)
+        if any(rx.fullmatch(p) for p in paths):
+            continue
+        one = [STACKED_PATH.sub(lambda m: m.group(0).replace("layers/", "layers/0/"), p, count=1) for p in stacked]
+        hit = next((p for p in one if rx.fullmatch(p)), None)
+        if hit is not None:
+            raise error(
+                f"{rule!r} is written for the paths of single layers (it matches {hit!r}), but these params "
+                f"are stacked (paths like {stacked[0]!r}): one stacked weight holds every layer, so a rule "
+                "cannot pick layers of it. Init the adapters (or quantize) on the unrolled params and stack "
+                "after (lora_jax.models.stacking.stack_layers; every layer must get the same leaves), or "
+                "target the stacked path (LoRA: with stacked_axes=1)."
+            )
+
+
 # ----------------------------------------------------------------------------
 # Trainable / frozen split (equinox-style partition and combine).
 

@@ -172,3 +172,23 @@ def test_train_step_benchmark_tiny():
     assert_quotient(res["lora_over_full"], res["lora_step_s"], res["full_step_s"])
     assert_quotient(res["qlora_over_lora"], res["qlora_step_s"], res["lora_step_s"])
     assert np.isfinite(res["lora_mfu"])
+
+
+def test_scale_script_quick_run_reports_consistent_keys(capsys):
+    import json
+
+    import scale
+
+    res = scale.main(["--quick", "--reps", "1"])
+    assert json.loads(capsys.readouterr().out) == res
+    a, b = res["depths"]
+    for prefix in ("", "unrolled_"):
+        times = res[f"{prefix}compile_s_depth{a}"], res[f"{prefix}compile_s_depth{b}"]
+        assert all(t > 0 for t in times)
+        assert math.isclose(res[f"{prefix}compile_s_depth{b}_over_depth{a}"], times[1] / times[0], rel_tol=1e-9)
+    assert res["scan_max_rel_loss_diff"] <= 1e-5 and res["attention_max_rel_logit_diff"] <= 1e-5
+    assert set(res["remat_temp_bytes"]) == {"none", "full", "dots", "offload"}
+    assert res["remat_temp_bytes"]["offload"] is None  # refused on the CPU
+    assert set(res["remat_step_s"]) == {"none", "full", "dots"} and all(v > 0 for v in res["remat_step_s"].values())
+    assert all(res["remat_temp_bytes"][p] > 0 for p in ("none", "full", "dots"))
+    assert res["attention"] == "blocked"

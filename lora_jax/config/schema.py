@@ -51,12 +51,20 @@ class ModelConfig(Section):
         to a ``.gguf`` file or a Hugging Face model directory.
       dtype: compute dtype of the weights, ``float32`` or ``bfloat16``.
       max_seq_len: the longest sequence the run builds (positions, KV cache).
+      attention: ``auto`` (block-causal on CPU, cuDNN flash attention on GPUs
+        where the shape allows, XLA's fused ``dot_product`` elsewhere),
+        ``blocked``, ``dot_product`` or ``cudnn``; the choice that ran is in
+        ``summary.json``.
+      scan_layers: run the decoder layers under ``jax.lax.scan`` over stacked
+        weights (compile time independent of depth; same numbers).
     """
 
     section: ClassVar[str] = "model"
     name: str = checked_field("smollm2-135m", check=known_model)
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_seq_len: int = checked_field(2048, check=at_least(1))
+    attention: Literal["auto", "blocked", "dot_product", "cudnn"] = "auto"
+    scan_layers: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -180,6 +188,10 @@ class TrainConfig(Section):
       checkpoint_every: save every this many steps; 0 means only at the end.
       log_every: write training metrics every this many steps.
       eval_batches: batches per loss evaluation.
+      remat: what the backward pass recomputes per layer instead of storing:
+        ``none``, ``full`` (the whole layer), ``dots`` (keep the projections'
+        outputs) or ``offload`` (keep them in host memory; GPU/TPU). ``true``
+        and ``false`` mean ``full`` and ``none``.
     """
 
     section: ClassVar[str] = "train"
@@ -189,6 +201,12 @@ class TrainConfig(Section):
     checkpoint_every: int = checked_field(0, check=at_least(0))
     log_every: int = checked_field(10, check=at_least(1))
     eval_batches: int = checked_field(8, check=at_least(1))
+    remat: Literal["none", "full", "dots", "offload"] = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.remat, bool):  # true/false as the model functions take them
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        super().__post_init__()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

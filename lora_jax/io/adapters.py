@@ -37,6 +37,7 @@ from lora_jax.io.files import (
     sha256,
     version,
 )
+from lora_jax.models import stacking as _stacking
 
 PyTree = Any
 PathLike = str | os.PathLike
@@ -102,6 +103,7 @@ def save_adapter(
       >>> w.rank, w.scale, w.base is base["w"]
       (2, 2.0, True)
     """
+    params = _stacking.unstack_layers(params)  # files hold per-layer paths whichever layout trained
     nodes = _lora.nodes(params)
     if not nodes:
         raise LoraError("save_adapter: params hold no LoRA weight; call lora_jax.lora.init(key, params, rules) first")
@@ -209,7 +211,13 @@ def load_adapter(directory: PathLike, base_params: PyTree, *, check_base: bool =
         recorded scale is not finite or disagrees with its alpha and rank, or a
         path or shape does not fit the base (the first one is named).
       BaseMismatchError: ``check_base`` and another base.
+
+    A stacked base (:func:`lora_jax.models.stacking.stack_layers`) gets the
+    adapters of the per-layer paths the file holds and comes back stacked.
     """
+    if _stacking.is_stacked(base_params):
+        unrolled = load_adapter(directory, _stacking.unstack_layers(base_params), check_base=check_base)
+        return _stacking.stack_layers(unrolled)
     directory = Path(directory)
     config = read_adapter_config(directory)
     file = directory / ADAPTER_TENSORS
@@ -271,7 +279,7 @@ def load(directory: PathLike, base_params: PyTree, *, model_kind: str | None = N
     Args:
       directory: a folder from :func:`save_adapter` (``lora_jax_adapter.json``)
         or a PEFT folder (``adapter_config.json``; see :func:`lora_jax.io.peft.import_peft`).
-      base_params: the base tree (adapters already in it are replaced).
+      base_params: the base tree (adapters already in it are replaced); stacked layers stay stacked.
       model_kind: for PEFT folders, ``"llama"`` or ``"bert"`` (default: inferred).
 
     Returns:
@@ -284,6 +292,9 @@ def load(directory: PathLike, base_params: PyTree, *, model_kind: str | None = N
     if (directory / ADAPTER_CONFIG).is_file():
         return load_adapter(directory, base_params)
     if (directory / _peft.PEFT_CONFIG).is_file():
+        if _stacking.is_stacked(base_params):
+            unrolled = _peft.import_peft(directory, _stacking.unstack_layers(base_params), model_kind)
+            return _stacking.stack_layers(unrolled)
         return _peft.import_peft(directory, base_params, model_kind)
     raise FileNotFoundError(
         f"{directory}: not an adapter folder (no {ADAPTER_CONFIG} from save_adapter, no {_peft.PEFT_CONFIG} from PEFT)"

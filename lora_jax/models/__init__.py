@@ -9,7 +9,7 @@ import importlib
 
 __all__ = ["bert", "llama"]
 
-_SUBMODULES = ("bert", "layers", "llama", "load_gguf", "load_hf", "registry", "tokenizer")
+_SUBMODULES = ("attention", "bert", "layers", "llama", "load_gguf", "load_hf", "registry", "stacking", "tokenizer")
 
 
 def __getattr__(name: str):

@@ -15,6 +15,14 @@ Hugging Face does, so one set of rules targets any built-in model::
 The model code multiplies with ``@`` and looks rows up with ``[]``; a LoRA
 weight or a quantized leaf in place of any of these arrays just works, so the
 model knows nothing of LoRA. RoPE uses the Hugging Face (rotate-half) layout.
+
+``layers`` may also be stacked (:func:`lora_jax.models.stacking.stack_layers`:
+one dict whose arrays have a leading layer axis); :func:`hidden_states` then
+runs the layers under ``jax.lax.scan`` (compile time independent of depth)
+with the same numbers. Attention runs the block-causal path below or
+``jax.nn.dot_product_attention`` (:mod:`lora_jax.models.attention`), chosen
+per backend (``attention="auto"``) or by name; :func:`attention_choice` says
+which one runs. ``remat`` takes the policies of :data:`lora_jax.models.layers.REMAT`.
 Shape suffixes: B batch, T time (queries), S time (keys), D model width,
 K kv heads, G query heads per kv head, H head dim, F ffn width, V vocab.
 """
@@ -23,13 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lora_jax.errors import ConfigError
+from lora_jax.models import attention as _attention
 from lora_jax.models import layers as _layers
+from lora_jax.models import stacking as _stacking
 
 PyTree = Any
 
@@ -50,6 +60,7 @@ class LlamaConfig:
     tie_embeddings: bool = True
     qkv_bias: bool = False
     max_seq_len: int = 2048
+    sliding_window: int | None = None  # sliding_window (Mistral): query t sees keys t - window < s <= t
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
@@ -68,6 +79,9 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.head_dim % 2:
             raise ConfigError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
+        w = self.sliding_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+            raise ConfigError(f"LlamaConfig.sliding_window must be a positive int or None, got {w!r}")
 
     @property
     def q_dim(self) -> int:
@@ -174,13 +188,13 @@ CAUSAL_BLOCK = 64
 
 
 def causal_blocks(seq_len: int) -> int:
-    """How many query blocks :func:`attention` splits ``seq_len`` positions into (1: no skipping)."""
+    """How many query blocks :func:`self_attention` splits ``seq_len`` positions into (1: no skipping)."""
     b = CAUSAL_BLOCK
     return seq_len // b if seq_len % b == 0 and seq_len > b else 1
 
 
 def attention_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of the score and value matmuls that :func:`attention` computes.
+    """Forward FLOPs per token of the score and value matmuls that :func:`self_attention` computes.
 
     ``n`` query blocks of ``T/n`` positions see ``(i+1) T/n`` keys each, so the
     matmuls cover ``T^2 (n+1) / (2n)`` query-key pairs instead of ``T^2``.
@@ -190,27 +204,84 @@ def attention_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     return 2.0 * 2.0 * config.n_layers * config.n_heads * config.head_dim * pairs_per_query
 
 
-def attention(p: PyTree, x_BTD: jax.Array, cos, sin, mask_BTS: jax.Array, c: LlamaConfig) -> jax.Array:
-    """Grouped-query causal self-attention; ``mask_BTS`` is True where a query may attend.
+class Masks(NamedTuple):
+    """Which keys each query of a training/scoring pass may see, in the forms each attention path takes.
 
-    ``mask_BTS`` must be causal (query ``t`` never sees a key ``s > t``): keys
-    past a query block (:data:`CAUSAL_BLOCK`) are skipped, not scored. The
-    output of a query that may see no key at all (a left-padding position) is
-    unspecified (the mean of the values its block scores); no loss should
-    depend on it.
+    Attributes:
+      full_BTS: True where query ``t`` may attend key ``s`` (causal, padding and window combined).
+      key_valid_BS: True at real keys; ``None`` when there is no padding.
+      window: the sliding window, or ``None``.
+    """
+
+    full_BTS: jax.Array
+    key_valid_BS: jax.Array | None
+    window: int | None
+
+
+def make_masks(attention_mask_BT: jax.Array | None, T: int, window: int | None) -> Masks:
+    """The :class:`Masks` of ``T`` positions with padding ``attention_mask_BT`` (1 real, 0 padding)."""
+    t = jnp.arange(T)
+    full_TS = t[None, :] <= t[:, None]
+    if window is not None:
+        full_TS = full_TS & (t[None, :] > t[:, None] - window)
+    full_BTS = full_TS[None]
+    key_valid_BS = None
+    if attention_mask_BT is not None:
+        key_valid_BS = attention_mask_BT.astype(bool)
+        full_BTS = full_BTS & key_valid_BS[:, None, :]
+    return Masks(full_BTS, key_valid_BS, window)
+
+
+def attention_choice(
+    config: LlamaConfig, attention: str = "auto", dtype: Any = None, backend: str | None = None
+) -> str:
+    """The attention implementation :func:`hidden_states` runs: ``blocked``, ``dot_product`` or ``cudnn``.
+
+    Args:
+      config: the model config (its head dim).
+      attention: ``auto`` (by backend and shape) or a name of :data:`lora_jax.models.attention.ATTENTION`.
+      dtype: the activations' dtype (the embedding's); default float32.
+      backend: default ``jax.default_backend()``.
+
+    Raises:
+      ConfigError: see :func:`lora_jax.models.attention.choose`.
+
+    Examples:
+      >>> cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+      >>> attention_choice(cfg, backend="cpu"), attention_choice(cfg, "dot_product")
+      ('blocked', 'dot_product')
+    """
+    return _attention.choose(attention, backend=backend or jax.default_backend(),
+                             dtype=jnp.float32 if dtype is None else dtype, head_dim=config.head_dim)
+
+
+def self_attention(
+    p: PyTree, x_BTD: jax.Array, cos, sin, masks: Masks, c: LlamaConfig, impl: str = "blocked"
+) -> jax.Array:
+    """Grouped-query causal self-attention with the implementation ``impl`` (see :func:`attention_choice`).
+
+    ``blocked``: keys past a query block (:data:`CAUSAL_BLOCK`) are skipped,
+    not scored (``masks.full_BTS`` is causal). The output of a query that may
+    see no key at all (a left-padding position) is unspecified in every path
+    (the mean of the values it scores); no loss should depend on it.
     """
     B, T, _ = x_BTD.shape
     K, G, H = c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim
     q_BTKGH = apply_rope(_layers.linear(x_BTD, p["q_proj"]).reshape(B, T, K * G, H), cos, sin).reshape(B, T, K, G, H)
     k_BSKH = apply_rope(_layers.linear(x_BTD, p["k_proj"]).reshape(B, T, K, H), cos, sin)
     v_BSKH = _layers.linear(x_BTD, p["v_proj"]).reshape(B, T, K, H)
-    n = causal_blocks(T)
-    size = T // n
-    outs = []
-    for i in range(n):
-        lo, hi = i * size, (i + 1) * size
-        outs.append(_attend(q_BTKGH[:, lo:hi], k_BSKH[:, :hi], v_BSKH[:, :hi], mask_BTS[:, lo:hi, :hi], x_BTD.dtype))
-    out_BTKGH = outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
+    if impl != "blocked":
+        out_BTKGH = _attention.dot_product(q_BTKGH, k_BSKH, v_BSKH, key_valid_BS=masks.key_valid_BS,
+                                           window=masks.window, implementation=impl)
+    else:
+        n = causal_blocks(T)
+        size = T // n
+        outs = []
+        for i in range(n):
+            lo, hi = i * size, (i + 1) * size
+            outs.append(_attend(q_BTKGH[:, lo:hi], k_BSKH[:, :hi], v_BSKH[:, :hi], masks.full_BTS[:, lo:hi, :hi],
+                                x_BTD.dtype))
+        out_BTKGH = outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
     return _layers.linear(out_BTKGH.reshape(B, T, K * G * H), p["o_proj"])
 
 
@@ -262,38 +333,44 @@ def hidden_states(
     *,
     attention_mask_BT: jax.Array | None = None,
     positions_BT: jax.Array | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: str = "auto",
 ) -> jax.Array:
     """Final-norm hidden states ``(B, T, D)``.
 
     Args:
-      params: the parameter tree (LoRA and quantized leaves allowed).
+      params: the parameter tree (LoRA and quantized leaves allowed; ``layers``
+        a list, or stacked: then the layers run under ``jax.lax.scan``).
       tokens_BT: int token ids.
       config: the model's :class:`LlamaConfig`.
       attention_mask_BT: 1 for real tokens, 0 for padding (keys only); default all 1.
       positions_BT: RoPE positions; default ``0..T-1``.
-      remat: recompute each layer in the backward pass (saves activation memory).
+      remat: what each layer's backward pass recomputes: ``none``/``False``,
+        ``full``/``True`` (the whole layer), ``dots`` or ``offload``
+        (:func:`lora_jax.models.layers.remat_layer`).
+      attention: ``auto``, ``blocked``, ``dot_product`` or ``cudnn`` (:func:`attention_choice`).
     """
     c = config
     B, T = tokens_BT.shape
     if positions_BT is None:
         positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
-    mask_BTS = causal_TS[None]
-    if attention_mask_BT is not None:
-        mask_BTS = mask_BTS & attention_mask_BT.astype(bool)[:, None, :]
+    masks = make_masks(attention_mask_BT, T, c.sliding_window)
     cos, sin = rope_tables(positions_BT, c.head_dim, c.rope_theta)
     x_BTD = params["embed"][tokens_BT]
+    impl = attention_choice(c, attention, x_BTD.dtype)
 
     def layer(x_BTD, lp):
         h_BTD = rms_norm(x_BTD, lp["attn_norm"]["scale"], c.rms_eps)
-        x_BTD = x_BTD + attention(lp["attn"], h_BTD, cos, sin, mask_BTS, c)
+        x_BTD = x_BTD + self_attention(lp["attn"], h_BTD, cos, sin, masks, c, impl)
         return x_BTD + mlp(lp["mlp"], rms_norm(x_BTD, lp["mlp_norm"]["scale"], c.rms_eps))
 
-    if remat:
-        layer = jax.checkpoint(layer)
-    for lp in params["layers"]:
-        x_BTD = layer(x_BTD, lp)
+    layer = _layers.remat_layer(layer, remat)
+    if _stacking.is_stacked(params):
+        layers = _stacking.per_layer_dropout_keys(params["layers"], _stacking.n_layers(params))
+        x_BTD, _ = jax.lax.scan(lambda x, lp: (layer(x, lp), None), x_BTD, layers)
+    else:
+        for lp in params["layers"]:
+            x_BTD = layer(x_BTD, lp)
     return rms_norm(x_BTD, params["norm"]["scale"], c.rms_eps)
 
 
@@ -307,7 +384,7 @@ def apply(params: PyTree, tokens_BT: jax.Array, config: LlamaConfig, **kwargs) -
     return _layers.matmul(hidden_states(params, tokens_BT, config, **kwargs), output_head(params, config))
 
 
-def loss(params: PyTree, batch: dict, config: LlamaConfig, *, remat: bool = False):
+def loss(params: PyTree, batch: dict, config: LlamaConfig, *, remat: bool | str = False, attention: str = "auto"):
     """Mean next-token cross entropy over the positions where ``batch['loss_mask']`` is 1.
 
     Args:
@@ -316,6 +393,7 @@ def loss(params: PyTree, batch: dict, config: LlamaConfig, *, remat: bool = Fals
         token at that position is a target (position 0 is never one);
         optional ``attention_mask`` (B, T).
       config: model config.
+      remat, attention: as for :func:`hidden_states`.
 
     Returns:
       ``(loss, {"n_tokens": ...})``.
@@ -324,7 +402,8 @@ def loss(params: PyTree, batch: dict, config: LlamaConfig, *, remat: bool = Fals
     mask_BT = batch.get("loss_mask")
     if mask_BT is None:
         mask_BT = jnp.ones(tokens_BT.shape, jnp.float32)
-    hidden_BTD = hidden_states(params, tokens_BT, config, attention_mask_BT=batch.get("attention_mask"), remat=remat)
+    hidden_BTD = hidden_states(params, tokens_BT, config, attention_mask_BT=batch.get("attention_mask"), remat=remat,
+                               attention=attention)
     # Drop the last position before the output head: slicing the (B, T, V)
     # logits instead would copy the largest tensor of the step.
     logits_BTV = _layers.matmul(hidden_BTD[:, :-1], output_head(params, config)).astype(jnp.float32)
@@ -337,7 +416,7 @@ def loss(params: PyTree, batch: dict, config: LlamaConfig, *, remat: bool = Fals
 def matmul_flops_per_token(config: LlamaConfig, seq_len: int) -> dict[str, float]:
     """Forward matmul FLOPs per token: weights (``2 * params``) and attention.
 
-    The attention term counts the score/value matmuls :func:`attention`
+    The attention term counts the score/value matmuls :func:`self_attention`
     computes (see :func:`attention_flops_per_token`), not the skipped blocks.
     """
     c = config
@@ -366,7 +445,7 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) 
 def attention_cached(
     p: PyTree, x_BTD: jax.Array, cos, sin, layer_cache: dict, index: jax.Array, mask_BTS: jax.Array, c: LlamaConfig
 ) -> tuple[jax.Array, dict]:
-    """:func:`attention` over a cache: write this step's keys/values at column ``index``, attend to all ``S``.
+    """:func:`self_attention` over a cache: write this step's keys/values at column ``index``, attend to all ``S``.
 
     ``mask_BTS`` (True where query ``t`` may see cache column ``s``) covers the whole cache.
     """
@@ -406,13 +485,19 @@ def hidden_states_cached(
       kv_mask_BS: True at cache columns that hold real tokens, including the new ones.
 
     Returns:
-      ``(hidden_BTD, new_cache)``. Query ``t`` attends to valid columns ``s <= index + t``.
+      ``(hidden_BTD, new_cache)``. Query ``t`` attends to valid columns ``s <= index + t``
+      (and ``s > index + t - sliding_window`` with a window). Stacked layers run unrolled here.
     """
     c = config
+    params = _stacking.unstack_layers(params)
     T = tokens_BT.shape[1]
     S = cache[0]["k"].shape[1]
     cols_T = jnp.asarray(index, jnp.int32) + jnp.arange(T, dtype=jnp.int32)
-    mask_BTS = (jnp.arange(S, dtype=jnp.int32)[None, :] <= cols_T[:, None])[None] & kv_mask_BS.astype(bool)[:, None, :]
+    s_S = jnp.arange(S, dtype=jnp.int32)
+    seen_TS = s_S[None, :] <= cols_T[:, None]
+    if c.sliding_window is not None:  # cache columns and positions differ by the same offset on each row
+        seen_TS = seen_TS & (s_S[None, :] > cols_T[:, None] - c.sliding_window)
+    mask_BTS = seen_TS[None] & kv_mask_BS.astype(bool)[:, None, :]
     cos, sin = rope_tables(positions_BT, c.head_dim, c.rope_theta)
     x_BTD = params["embed"][tokens_BT]
     new_cache = []

@@ -182,7 +182,8 @@ class QTensor:
 
     @property
     def size(self) -> int:
-        return math.prod(self.stored_shape)
+        """Logical elements, times the leading (layer) axes of stacked children."""
+        return math.prod(self.stored_shape) * math.prod(np.shape(self.codes)[:-2])
 
     @property
     def nbytes(self) -> int:

@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from lora_jax.config import ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, QuantConfig
 
 __all__ = [
-    "LoadedModel", "RunContext", "build_params", "chat_format", "check_against_model", "check_task_limits",
-    "load_model", "lora_rules", "loss_fn", "make_lr_schedule", "make_optimizer", "param_shapes", "prepare",
-    "quant_rules", "validate_runs",
+    "LoadedModel", "RunContext", "attention_used", "build_params", "chat_format", "check_against_model",
+    "check_task_limits", "load_model", "lora_rules", "loss_fn", "make_lr_schedule", "make_optimizer", "param_shapes",
+    "prepare", "quant_rules", "validate_runs",
 ]
 
 
@@ -222,11 +222,27 @@ def load_model(m: ModelConfig) -> LoadedModel:
     return _MODEL_CACHE[key]
 
 
-def loss_fn(model_cfg):
-    """The training loss of the model ``model_cfg`` configures: ``(params, batch) -> (loss, aux)``."""
+def loss_fn(model_cfg, run_cfg: ExperimentConfig | None = None):
+    """The training loss of the model ``model_cfg`` configures: ``(params, batch) -> (loss, aux)``.
+
+    ``run_cfg`` (the run's config) sets ``train.remat`` and ``model.attention``; without it: none and auto.
+    """
     from lora_jax.models import llama
 
-    return lambda p, b: llama.loss(p, b, model_cfg)
+    remat = "none" if run_cfg is None else run_cfg.train.remat
+    attention = "auto" if run_cfg is None else run_cfg.model.attention
+    return lambda p, b: llama.loss(p, b, model_cfg, remat=remat, attention=attention)
+
+
+def attention_used(cfg: ExperimentConfig, model: LoadedModel) -> str:
+    """The attention implementation the run's steps run (``model.attention`` resolved here; for ``summary.json``).
+
+    Raises:
+      ConfigError: ``cudnn`` asked for where it cannot run.
+    """
+    from lora_jax.models import llama
+
+    return llama.attention_choice(model.config, cfg.model.attention, jnp.dtype(cfg.model.dtype))
 
 
 def _task(cfg: ExperimentConfig):
@@ -270,6 +286,10 @@ def build_params(cfg: ExperimentConfig, model: LoadedModel):
     if cfg.method in ("lora", "qlora"):
         check_against_model(cfg, param_shapes(model))
         params = _lora.init(jax.random.fold_in(jax.random.key(cfg.seed), 1), params, lora_rules(cfg.lora))
+    if cfg.model.scan_layers:  # rules and quantization work on the unrolled paths; stack after
+        from lora_jax.models import stacking
+
+        params = stacking.stack_layers(params)
     return params
 
 
@@ -364,10 +384,11 @@ def validate_runs(runs: list[tuple[str, ExperimentConfig]]) -> None:
             errors += [f"{name}: {line}" for line in check_task_limits(cfg, model, tasks[key])]
         except DataError as e:
             errors.append(f"{name}: {e}")
-        if cfg.method not in ("lora", "qlora"):
-            continue
         try:
-            check_against_model(cfg, param_shapes(model))
+            if cfg.model.attention != "auto":  # an explicit choice may not run here (cudnn on a CPU)
+                attention_used(cfg, model)
+            if cfg.method in ("lora", "qlora"):
+                check_against_model(cfg, param_shapes(model))
         except ConfigError as e:
             errors += [f"{name}: {line}" for line in e.errors]
     if errors:

@@ -12,7 +12,7 @@ from lora_jax.runner.build import RunContext, chat_format, loss_fn
 
 def evaluate(ctx: RunContext, params, *, quiet: bool = True) -> dict[str, float]:
     """Validation loss and perplexity; ROUGE / exact match from greedy generations."""
-    eval_step = _train.make_eval_step(loss_fn(ctx.model.config))
+    eval_step = _train.make_eval_step(loss_fn(ctx.model.config, ctx.cfg))
     t, f = _paths.split(params)
     total = n = 0.0
     for i, batch in enumerate(_data.eval_batches(ctx.val_data, ctx.cfg.train.batch_size)):

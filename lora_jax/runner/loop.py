@@ -100,7 +100,7 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
     tx = make_optimizer(cfg.optim, steps)
     trainable = _paths.everything if cfg.method == "full" else _paths.is_trainable_leaf
     state = _train.init_state(ctx.params, tx, jax.random.fold_in(jax.random.key(cfg.seed), 2), trainable)
-    step_fn = _train.ahead_of_time(_train.make_train_step(loss_fn(ctx.model.config), tx))
+    step_fn = _train.ahead_of_time(_train.make_train_step(loss_fn(ctx.model.config, cfg), tx))
     ckpt_dir = run_dir / "ckpt"
     every = cfg.train.checkpoint_every or steps
     base_id = f"{cfg.model.name}:{cfg.method}"

@@ -104,6 +104,7 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_scope": "run" if rss_is_per_run else "process",
         "wall_s": time.time() - t0, **ev, "samples": samples,
+        "attention": _build.attention_used(cfg, model),
         "config_hash": chash, "data": ctx.info, "versions": versions(), "git_commit": git_commit(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].platform}",
     }
