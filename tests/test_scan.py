@@ -207,3 +207,23 @@ def test_runner_builds_stacked_params_with_model_scan_layers(base, batch):
     jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), unrolled)
     loss = build.loss_fn(CFG, cfg)
     assert abs(float(loss(stacked, batch)[0]) - float(loss(unrolled, batch)[0])) < 1e-5
+
+
+def test_peft_and_hf_export_and_peft_import_take_either_layout(base, tmp_path):
+    from lora_jax.io import peft as io_peft
+    from lora_jax.models.export_hf import export_merged_hf
+
+    adapted = variant(base, "lora")
+    stacked = stack_layers(adapted)
+    a = io_peft.export_peft(tmp_path / "a", adapted, base_model_name_or_path="tiny")
+    b = io_peft.export_peft(tmp_path / "b", stacked, base_model_name_or_path="tiny")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    # import onto a stacked base gives the stacked adapted tree, equal to importing onto the unrolled one
+    back = io_peft.import_peft(a, stack_layers(base))
+    assert isinstance(back["layers"], dict)
+    want = stack_layers(io_peft.import_peft(a, base))
+    jax.tree.map(np.testing.assert_array_equal, back, want)
+    export_merged_hf(tmp_path / "m1", adapted, CFG)
+    export_merged_hf(tmp_path / "m2", stacked, CFG)
+    assert (tmp_path / "m1" / "model.safetensors").read_bytes() == (tmp_path / "m2" / "model.safetensors").read_bytes()

@@ -24,6 +24,7 @@ from lora_jax.errors import CheckpointError
 from lora_jax.io.factors import base_leaves, check_factors, no_such_path, strip_adapters
 from lora_jax.io.files import CORRUPTED, atomic_write, json_bytes, read_json, read_safetensors, safetensors_bytes
 from lora_jax.models import load_hf as _load_hf
+from lora_jax.models import stacking as _stacking
 
 PyTree = Any
 PathLike = str | os.PathLike
@@ -164,6 +165,8 @@ def export_peft(
       >>> import_peft(d, base)["layers"][0]["attn"]["q_proj"]["kernel"].scale
       3.0
     """
+    if _stacking.is_stacked(params):  # layers under lax.scan: PEFT's files name each layer
+        params = _stacking.unstack_layers(params)
     model_kind = _kind(model_kind, params)
     nodes = _lora.nodes(params)
     if not nodes:
@@ -387,6 +390,9 @@ def import_peft(directory: PathLike, base_params: PyTree, model_kind: str | None
         with the tensors: factors of an unselected module, or a selected
         module without factors (the field and the first module are named).
     """
+    if _stacking.is_stacked(base_params):  # read onto the per-layer tree, then stack again
+        adapted = import_peft(directory, _stacking.unstack_layers(base_params), model_kind)
+        return _stacking.stack_layers(adapted)
     model_kind = _kind(model_kind, base_params)
     directory = Path(directory)
     if not directory.is_dir():

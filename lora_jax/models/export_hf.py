@@ -23,6 +23,7 @@ from lora_jax.io.files import atomic_write, json_bytes
 from lora_jax.models import bert as _bert
 from lora_jax.models import llama as _llama
 from lora_jax.models import load_hf as _load_hf
+from lora_jax.models import stacking as _stacking
 
 PyTree = Any
 PathLike = str | os.PathLike
@@ -148,6 +149,10 @@ def export_merged_hf(
       >>> sorted(f.name for f in d.iterdir()), json.loads((d / "config.json").read_text())["model_type"]
       (['config.json', 'model.safetensors'], 'llama')
     """
+    if _stacking.is_stacked(params):  # layers under lax.scan: the HF files name each layer
+        params = _stacking.unstack_layers(params)
+    if original_params is not None and _stacking.is_stacked(original_params):
+        original_params = _stacking.unstack_layers(original_params)
     merged = jax.tree.map(_lora.dense, _lora.merge(params), is_leaf=_lora.is_node)
     errors: dict[str, float] = {}
     if original_params is not None:
