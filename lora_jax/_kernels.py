@@ -45,25 +45,38 @@ _BF16 = np.dtype(jnp.bfloat16)
 # bf16 products with fp32 accumulation
 
 
-def dot(a, b):
-    """``a @ b``; two bfloat16 operands are multiplied with float32 accumulation and rounded once.
+def dot(a, b, *, b_transposed: bool = False):
+    """``a @ b`` (``a @ b.T`` with ``b_transposed``); two bfloat16 operands accumulate in float32, rounded once.
 
     XLA:CPU multiplies bfloat16 matrices with the CPU's bf16 dot instructions
     (AVX512-BF16, AMX) only when the dot's result is float32: measured here
     (AMD EPYC, AVX512-BF16, 2 threads) a bf16 x bf16 -> f32 dot runs at 1.6-2.2x
-    the fp32 rate, a bf16 x bf16 -> bf16 dot at 0.7-0.9x. Other dtypes: plain ``@``.
-    Not differentiable by itself in a useful way (JAX's transpose of a dot emits
-    bf16-output dots again): :func:`matmul` wraps it with a backward pass.
+    the fp32 rate, a bf16 x bf16 -> bf16 dot at 0.7-0.9x. A transposed operand
+    is contracted on its own axis (``dot_general``): ``b.T`` materialized by a
+    transpose before the dot sends XLA:CPU back to float32 (2x slower here).
+    Other dtypes: plain ``@``. Not differentiable in a useful way (JAX's
+    transpose of a dot emits bf16-output dots again): :func:`matmul` wraps it
+    with a backward pass.
 
     Examples:
       >>> a = jnp.full((2, 300), 1 + 2**-7, jnp.bfloat16)  # exact in bf16
       >>> y = dot(a, jnp.ones((300, 1), jnp.bfloat16))  # 302.34 rounded once to bf16
       >>> y.dtype, float(y[0, 0])
       (dtype(bfloat16), 302.0)
+      >>> dot(a, jnp.ones((1, 300), jnp.bfloat16), b_transposed=True).tolist() == y.tolist()
+      True
     """
     if a.dtype == _BF16 and b.dtype == _BF16:
-        return jnp.matmul(a, b, preferred_element_type=_F32).astype(_BF16)
-    return a @ b
+        dims = (((a.ndim - 1,), (1 if b_transposed else 0,)), ((), ()))
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32).astype(_BF16)
+    return a @ (b.T if b_transposed else b)
+
+
+def dot_tn(a, b):
+    """``a.T @ b`` for 2-D ``a``, ``b`` (contracting their rows), bf16 accumulated in float32 as :func:`dot`."""
+    if a.dtype == _BF16 and b.dtype == _BF16:
+        return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32).astype(_BF16)
+    return a.T @ b
 
 
 def matmul(x, w, *, custom_vjp: bool = True):
@@ -97,7 +110,7 @@ def _bf16_matmul_bwd(res, g):
     x, w = res
     g = g.astype(_BF16)
     g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-    return dot(g, w.T), dot(x2.T, g2)
+    return dot(g, w, b_transposed=True), dot_tn(x2, g2)
 
 
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
@@ -165,8 +178,8 @@ def _plus(q, zero):
     return dataclasses.replace(q, scales=q.scales + zero)
 
 
-def matmul_late(x, q, after=None):
-    """``x @ dequantize(q)`` with the dequantization scheduled after ``after`` (default ``x``) exists.
+def matmul_late(x, q, after=None, *, transposed: bool = False):
+    """``x @ dequantize(q)`` (``.T`` of it with ``transposed``), dequantized after ``after`` (default ``x``) exists.
 
     Without a dependency on ``x`` XLA may dequantize every weight of the model up
     front and keep them all alive (XLA:CPU does), and may CSE the backward's
@@ -179,7 +192,7 @@ def matmul_late(x, q, after=None):
     x, q, after = jax.lax.optimization_barrier((x, q, after))
     if after.size:
         q = _plus(q, _zero_of(after))
-    return dot(x, q.dequantize())
+    return dot(x, q.dequantize(), b_transposed=transposed)
 
 
 def _for_dtype(q, dtype):
@@ -201,7 +214,7 @@ def _qmatmul_fwd(x_dtype, x, q):
 
 
 def _qmatmul_bwd(x_dtype, q, g):
-    dx = matmul_late(g, _for_dtype(q.T, g.dtype))
+    dx = matmul_late(g, _for_dtype(q, g.dtype), transposed=True)  # g @ W.T, contracting W's own axis
     return dx.astype(x_dtype), None  # None: zero cotangents (float0 for integer codes)
 
 
@@ -245,7 +258,7 @@ def _qlora_fwd(x_dtype, scale, x, xa, q, a, b):
 def _qlora_bwd(x_dtype, scale, residuals, g):
     res, q = residuals
     dxa, da, db = low_rank_bwd(scale, res, g)  # the adapter's backward, as for a dense base
-    dx = matmul_late(g, _for_dtype(q.T, g.dtype), after=dxa)  # dxa = (g @ B^T * s) @ A^T, a dot output
+    dx = matmul_late(g, _for_dtype(q, g.dtype), after=dxa, transposed=True)  # dxa = (g @ B^T * s) @ A^T
     return dx.astype(x_dtype), dxa, None, da, db
 
 
