@@ -197,8 +197,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "models.registry.list_models (lora-jax models): the install column without the command"),
     Mutation(
         "M15", "lora_jax/_kernels.py",
-        "        return jnp.matmul(a, b, preferred_element_type=_F32).astype(_BF16)",
-        "        return a @ b",
+        "        return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32).astype(_BF16)",
+        "        return jax.lax.dot_general(a, b, dims)",
         ("tests/test_kernels.py::test_every_bf16_dot_of_a_bf16_lora_and_qlora_step_accumulates_in_float32",),
         "_kernels.dot: bf16 products with bf16 output (XLA:CPU's slow path) instead of float32 accumulation"),
 )  # fmt: skip
