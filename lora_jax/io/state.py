@@ -359,6 +359,7 @@ def restore_train_state(
             raise CheckpointError(f"{m.directory}: no checkpoint for step {step}; saved steps: {steps}")
         if step is None and not steps:
             return None
+        base_hash = base_hash or _hashing.base_hash(like_state.frozen)  # once, not per step a fallback tries
         if step is not None or not fallback:
             try:
                 return _restore_step(m, like_state, steps[-1] if step is None else step, base_id, base_hash)
@@ -401,7 +402,7 @@ def delete_steps_after(manager_or_dir: Any, step: int) -> list[int]:
         return later
 
 
-def _restore_step(m, like_state: TrainState, step: int, base_id: str, base_hash: str | None):
+def _restore_step(m, like_state: TrainState, step: int, base_id: str, base_hash: str):
     """Restore one saved step; :class:`_DamagedStep` when its files are truncated or corrupted."""
     import orbax.checkpoint as ocp
 
@@ -416,11 +417,10 @@ def _restore_step(m, like_state: TrainState, step: int, base_id: str, base_hash:
         ) from e
     _check_train_meta(meta, where)
     want = meta["base"]
-    have = base_hash or _hashing.base_hash(like_state.frozen)
-    if want.get("hash") != have:
+    if want.get("hash") != base_hash:
         raise BaseMismatchError(
             f"{where}: this checkpoint was trained on base {want.get('id')!r} ({str(want.get('hash'))[:19]}) "
-            f"but like_state's frozen weights are base {base_id!r} ({have[:19]}); restore it onto the base "
+            f"but like_state's frozen weights are base {base_id!r} ({base_hash[:19]}); restore it onto the base "
             "it was trained on"
         )
     leaves, treedef = _state_leaves(like_state)
