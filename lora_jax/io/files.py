@@ -206,7 +206,10 @@ def locked(directory: PathLike, what: str = "lora-jax"):
 
     A second process that asks for the same directory gets a :class:`LockedError`
     naming the holder; a lock left by a process that no longer runs on this host
-    is taken over with a warning. The lock file is removed on exit.
+    is taken over with a warning. Once held, the temporary files that killed
+    :func:`atomic_write` calls left under ``directory`` are removed
+    (:func:`remove_stale_temporaries`: only the holder may, as no one else writes
+    there). The lock file is removed on exit.
 
     Examples:
       >>> import tempfile
@@ -245,6 +248,7 @@ def locked(directory: PathLike, what: str = "lora-jax"):
             json.dump(me, f)
         break
     try:
+        remove_stale_temporaries(directory)
         yield lock
     finally:
         lock.unlink(missing_ok=True)

@@ -15,8 +15,8 @@ the same config hash, and resumes an interrupted run from its last checkpoint:
 the data position is a pure function of the step and the dropout keys of the
 step, so the resumed run computes what an uninterrupted one would have. A
 process killed at any moment leaves nothing that a re-run trips over: files
-are replaced atomically (the temporary files of a killed write are removed on
-the next run), the two latest checkpoints are kept (a damaged latest one falls
+are replaced atomically (the temporary files of a killed write are removed when
+the next run takes the folder's lock), the two latest checkpoints are kept (a damaged latest one falls
 back to the one before), metrics lines after the restored checkpoint are
 dropped, a finished run's leftover ``ckpt/`` is removed, and the lock file of a
 dead process is taken over.
@@ -39,7 +39,7 @@ import jax
 
 from lora_jax import config as _config
 from lora_jax import lora as _lora
-from lora_jax.io.files import atomic_write, locked, remove_stale_temporaries
+from lora_jax.io.files import atomic_write, locked
 from lora_jax.runner import build as _build
 from lora_jax.runner.evaluate import evaluate
 from lora_jax.runner.loop import train_run
@@ -58,8 +58,6 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
     run_dir = Path(run_dir)
     chash = _config.config_hash(cfg)
     summary_path = run_dir / "summary.json"
-    if run_dir.is_dir():
-        remove_stale_temporaries(run_dir)
     if summary_path.exists():
         old = json.loads(summary_path.read_text())
         if old.get("config_hash") == chash and old.get("status") == "finished":
@@ -157,7 +155,6 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
     first = runs[0][1]
     sweep_dir = Path(output_dir or first.output_dir) / first.name
     with locked(sweep_dir, "lora-jax sweep"):
-        remove_stale_temporaries(sweep_dir)  # left by a killed atomic write; only a lock holder may remove them
         _run_all(runs, sweep_dir, quiet=quiet)
         if plots:
             from lora_jax import plots as _plots
