@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from lora_jax.errors import DataError
 from lora_jax.io.files import atomic_write
+from lora_jax.io.names import unsafe_component
 
 # Metric column -> (axis label, higher is better)
 METRICS = {
@@ -51,7 +52,7 @@ def read_results(sweep_dir: str | os.PathLike) -> list[dict]:
       DataError: the file has no runs, lacks the ``run`` or ``status`` column, a
         row has more or fewer cells than the header, a run is listed twice, a
         run name is not one plain folder name (``/``, ``..``, an absolute path,
-        NUL: :func:`unsafe_run_name`), or a numeric column holds text (the
+        NUL: :func:`lora_jax.io.names.unsafe_component`), or a numeric column holds text (the
         message names the line and column).
     """
     path = Path(sweep_dir) / "results.csv"
@@ -68,7 +69,7 @@ def read_results(sweep_dir: str | os.PathLike) -> list[dict]:
             if None in row or None in row.values():
                 raise DataError(f"{path}:{line}: the row has {'more' if None in row else 'fewer'} cells than the "
                                 "header; rewrite the file with `lora-jax sweep CONFIG` (finished runs are not rerun)")
-            bad = unsafe_run_name(row["run"])
+            bad = unsafe_component(row["run"])
             if bad:
                 raise DataError(f"{path}:{line}: run {row['run']!r} {bad}; a run is a folder inside the sweep, so "
                                 "its name is one plain folder name: restore the name the sweep wrote")
@@ -83,24 +84,6 @@ def read_results(sweep_dir: str | os.PathLike) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no runs listed; run `lora-jax sweep CONFIG` first")
     return rows
-
-
-def unsafe_run_name(name: str) -> str | None:
-    """Why ``name`` (read from a file) cannot be joined to the sweep folder as a run folder, or ``None``.
-
-    Examples:
-      >>> unsafe_run_name("lora_r4") is None, unsafe_run_name("../x")
-      (True, "has a path separator or '..'")
-    """
-    if not name.strip():
-        return "is empty"
-    if "\0" in name:
-        return "holds a NUL character"
-    if os.path.isabs(name) or name.startswith("~"):
-        return "is an absolute path"
-    if "/" in name or "\\" in name or name in (".", ".."):
-        return "has a path separator or '..'"
-    return None
 
 
 def _num(v):

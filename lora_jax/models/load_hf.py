@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from lora_jax.errors import CheckpointError
 from lora_jax.io.files import read_json
+from lora_jax.io.names import unsafe_component
 from lora_jax.models import bert as _bert
 from lora_jax.models import llama as _llama
 
@@ -98,10 +99,11 @@ def _weight_files(directory: Path, auto_class: str) -> list[Path]:
         files = []
         for shard in dict.fromkeys(weight_map.values()):
             name = str(shard)
-            if not name or Path(name).name != name or name in (".", "..") or "\\" in name or "\0" in name:
+            bad = unsafe_component(name)
+            if bad:
                 raise CheckpointError(
-                    f"{index}: shard name {name!r} is not a file name in the model folder; a weight_map names "
-                    "shard files beside the index (e.g. 'model-00001-of-00002.safetensors')"
+                    f"{index}: shard name {name!r} {bad}: it is not a file name in the model folder; a weight_map "
+                    "names shard files beside the index (e.g. 'model-00001-of-00002.safetensors')"
                 )
             file = directory / name
             if not file.is_file():
