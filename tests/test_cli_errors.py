@@ -16,8 +16,7 @@ from pathlib import Path
 
 import jax
 import pytest
-import yaml
-from tiny_models import write_tiny_chat_gguf
+from tiny_models import write_tiny_chat_gguf, write_yaml_config
 
 from lora_jax import cli, lora
 from lora_jax.io import adapters as io_adapters
@@ -46,14 +45,7 @@ def write_config(path: Path, gguf: Path, **over) -> Path:
         "lora": {"rank": 2, "alpha": 4},
         "train": {"steps": 1, "batch_size": 4, "log_every": 1, "eval_batches": 1},
     }
-    for k, v in over.items():
-        node = cfg
-        *head, last = k.split(".")
-        for h in head:
-            node = node.setdefault(h, {})
-        node[last] = v
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml_config(path, cfg, over)
 
 
 @dataclass

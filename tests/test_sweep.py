@@ -13,8 +13,7 @@ from pathlib import Path
 
 import jax
 import pytest
-import yaml
-from tiny_models import write_tiny_chat_gguf
+from tiny_models import write_tiny_chat_gguf, write_yaml_config
 
 from lora_jax import cli
 
@@ -37,14 +36,7 @@ def write_config(path: Path, model: Path, **over) -> Path:
         "optim": {"name": "adamw", "lr": 3e-3},
         "train": {"steps": 12, "batch_size": 4, "log_every": 1, "checkpoint_every": 4, "eval_batches": 2},
     }
-    for k, v in over.items():
-        node = cfg
-        *head, last = k.split(".")
-        for h in head:
-            node = node.setdefault(h, {})
-        node[last] = v
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml_config(path, cfg, over)
 
 
 def run_cli(*args, env=None):

@@ -1,4 +1,4 @@
-"""Tiny models written to disk for tests: a llama.cpp-style GGUF with a byte-level tokenizer."""
+"""Tiny models written to disk for tests: a llama.cpp-style GGUF with a byte-level tokenizer; config files."""
 
 import gguf
 import jax
@@ -92,3 +92,17 @@ def write_tiny_chat_gguf(path, *, dim=32, n_layers=2, seed=0):
     eos = tokens.index("<|endoftext|>")
     return write_gguf(path, params, cfg, tokens=tokens, token_types=[1] * 257 + [3] * len(SPECIALS),
                       merges=["Ġ t"], bos_id=eos, eos_id=eos)
+
+
+def write_yaml_config(path, cfg: dict, over: dict):
+    """Write ``cfg`` as YAML to ``path`` after setting each dotted key of ``over`` (``"train.steps": 3``)."""
+    import yaml
+
+    for k, v in over.items():
+        node = cfg
+        *head, last = k.split(".")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = v
+    path.write_text(yaml.safe_dump(cfg))
+    return path
