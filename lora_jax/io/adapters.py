@@ -292,10 +292,7 @@ def load(directory: PathLike, base_params: PyTree, *, model_kind: str | None = N
     if (directory / ADAPTER_CONFIG).is_file():
         return load_adapter(directory, base_params)
     if (directory / _peft.PEFT_CONFIG).is_file():
-        if _stacking.is_stacked(base_params):
-            unrolled = _peft.import_peft(directory, _stacking.unstack_layers(base_params), model_kind)
-            return _stacking.stack_layers(unrolled)
-        return _peft.import_peft(directory, base_params, model_kind)
+        return _peft.import_peft(directory, base_params, model_kind)  # stacked layers stay stacked there too
     raise FileNotFoundError(
         f"{directory}: not an adapter folder (no {ADAPTER_CONFIG} from save_adapter, no {_peft.PEFT_CONFIG} from PEFT)"
     )
