@@ -1,6 +1,7 @@
 """The ``lora-jax`` command.
 
     lora-jax sweep CONFIG [--set key=value ...] [--quiet]   run (or resume) every run of a sweep
+                     [--ray ADDRESS]                          ... as tasks on a Ray cluster
     lora-jax train CONFIG [--set ...]                        one run (the config without its sweep)
     lora-jax plan CONFIG [--set ...]                         counts, bytes and XLA cost per run, no training
     lora-jax eval CONFIG [--adapter DIR]                     evaluate the base (or an adapter) on the task
@@ -106,7 +107,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_sweep(a) -> int:
     from lora_jax.runner import sweep
 
-    out = sweep.run_sweep(a.config, a.overrides, quiet=a.quiet, output_dir=a.output_dir)
+    out = sweep.run_sweep(a.config, a.overrides, quiet=a.quiet, output_dir=a.output_dir, ray=a.ray)
     print(f"results: {out / 'results.csv'}\nfigures: {out / 'figures'}")
     failed = sweep.failed_runs(out)
     if failed:
@@ -209,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars (for CI logs)")
     p.add_argument("--output-dir", help="where runs go (default: the config's output_dir)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run each run as a Ray task: a cluster address (host:port), "
+                   "'auto' for the running cluster, 'local' to start one here; the output dir must be shared")
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("train", help="train one run: the config without its sweep block")

@@ -19,6 +19,7 @@ from lora_jax.config.fields import show, type_hints
 from lora_jax.config.schema import (
     IGNORED_BY_METHOD,
     LEAVES,
+    RUNTIME_SECTIONS,
     SECTIONS,
     SWEEP_KEYS,
     TOP_KEYS,
@@ -126,7 +127,9 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 
 
 def relevant(key: str, method: str) -> bool:
-    """Return whether ``method`` reads the key path ``key`` (see :data:`IGNORED_BY_METHOD`)."""
+    """Return whether ``method`` reads ``key`` (see :data:`IGNORED_BY_METHOD`, :data:`RUNTIME_SECTIONS`)."""
+    if key.split(".", 1)[0] in RUNTIME_SECTIONS:
+        return False
     return not any(key == p or key.startswith(p + ".") for p in IGNORED_BY_METHOD[method])
 
 
@@ -152,7 +155,8 @@ def config_hash(cfg: ExperimentConfig) -> str:
     """Return the sha256 (hex) of what can change a run's results.
 
     The hash covers the resolved config except ``name``, ``output_dir`` and the
-    keys the method does not read (:data:`IGNORED_BY_METHOD`): the same run
+    keys the method does not read (:data:`IGNORED_BY_METHOD`) or that only say
+    where it runs and logs (:data:`RUNTIME_SECTIONS`): the same run
     under another experiment name, or a ``base`` run with another ``lora.rank``,
     hashes the same.
 

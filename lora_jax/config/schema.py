@@ -210,6 +210,43 @@ class TrainConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ResourcesConfig(Section):
+    """What one run asks of a Ray cluster (``lora-jax sweep --ray``); a local sweep ignores it.
+
+    Attributes:
+      cpu: CPUs reserved per run.
+      gpu: GPUs reserved per run (fractions share one).
+      max_retries: how often a run whose worker died is started again; it
+        resumes from its last checkpoint.
+    """
+
+    section: ClassVar[str] = "resources"
+    cpu: float = checked_field(1.0, check=at_least(0))
+    gpu: float = checked_field(0.0, check=at_least(0))
+    max_retries: int = checked_field(3, check=at_least(0))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrackingConfig(Section):
+    """Where a run's metrics go besides ``metrics.jsonl`` (see :mod:`lora_jax.tracking`).
+
+    Attributes:
+      tensorboard: write TensorBoard events next to ``metrics.jsonl``.
+      wandb_project: a Weights & Biases project to log to (needs ``wandb``).
+      mlflow_uri: an MLflow tracking URI to log to (needs ``mlflow``).
+    """
+
+    section: ClassVar[str] = "tracking"
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    mlflow_uri: str | None = None
+
+
+RUNTIME_SECTIONS = ("resources", "tracking")
+"""Sections that say where a run executes and where its metrics go, not what it computes: not in its hash."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig(Section):
     """One run: what to train, how, and where its files go.
 
@@ -220,6 +257,7 @@ class ExperimentConfig(Section):
       seed: the root of every PRNG key of the run.
       output_dir: the folder that holds experiments.
       model, task, lora, quant, optim, train: the sections.
+      resources, tracking: how a run executes and is logged (not in :func:`config_hash`).
     """
 
     name: str = checked_field("experiment", check=safe_name)
@@ -232,6 +270,8 @@ class ExperimentConfig(Section):
     quant: QuantConfig = checked_field(factory=QuantConfig)
     optim: OptimConfig = checked_field(factory=OptimConfig)
     train: TrainConfig = checked_field(factory=TrainConfig)
+    resources: ResourcesConfig = checked_field(factory=ResourcesConfig)
+    tracking: TrackingConfig = checked_field(factory=TrackingConfig)
 
     def _cross_checks(self) -> list[str]:
         errors = []
@@ -248,6 +288,7 @@ class ExperimentConfig(Section):
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig, "task": TaskConfig, "lora": LoraConfig,
     "quant": QuantConfig, "optim": OptimConfig, "train": TrainConfig,
+    "resources": ResourcesConfig, "tracking": TrackingConfig,
 }  # fmt: skip
 """The sections of :class:`ExperimentConfig` by key."""
 

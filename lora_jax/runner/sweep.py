@@ -6,6 +6,7 @@ A sweep writes plain files only::
     runs/<sweep>/figures/               made by lora_jax.plots from the files above
     runs/<sweep>/<run>/config.yaml      the resolved config of the run
     runs/<sweep>/<run>/metrics.jsonl    step, loss, lr, tokens/s; eval metrics
+    runs/<sweep>/<run>/events.out.tfevents.lora-jax   the same as TensorBoard scalars (lora_jax.tracking)
     runs/<sweep>/<run>/summary.json     final metrics, sizes, time, versions, status
     runs/<sweep>/<run>/adapter/         the trained LoRA factors (safetensors + JSON)
     runs/<sweep>/<run>/ckpt/            orbax train-state checkpoints (deleted when finished)
@@ -39,6 +40,7 @@ import jax
 
 from lora_jax import config as _config
 from lora_jax import lora as _lora
+from lora_jax import tracking
 from lora_jax.io.files import atomic_write, locked
 from lora_jax.runner import build as _build
 from lora_jax.runner.evaluate import evaluate
@@ -58,12 +60,11 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
     run_dir = Path(run_dir)
     chash = _config.config_hash(cfg)
     summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        old = json.loads(summary_path.read_text())
-        if old.get("config_hash") == chash and old.get("status") == "finished":
-            if (run_dir / "ckpt").exists():  # killed after its summary was written, before this was removed
-                shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
-            return old
+    old = finished_summary(run_dir, cfg)
+    if old is not None:
+        if (run_dir / "ckpt").exists():  # killed after its summary was written, before this was removed
+            shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
+        return old
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "config.yaml", _config.to_yaml(cfg))
     t0 = time.time()
@@ -107,9 +108,31 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].platform}",
     }
     atomic_write(summary_path, json.dumps(summary, indent=1, default=str) + "\n")
+    tracking.log_run(run_name, cfg, run_dir, summary)
     if status["status"] == "finished" and (run_dir / "ckpt").exists():
         shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
     return summary
+
+
+def finished_summary(run_dir: Path, cfg: _config.ExperimentConfig) -> dict | None:
+    """The ``summary.json`` of ``run_dir`` if it records this config's run as finished, else ``None``."""
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    return old if old.get("config_hash") == _config.config_hash(cfg) and old.get("status") == "finished" else None
+
+
+def run_recorded(name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quiet: bool = False) -> dict:
+    """:func:`run_one`, except that a run that raises is recorded as failed in its ``summary.json``."""
+    try:
+        return run_one(name, cfg, run_dir, quiet=quiet)
+    except Exception as e:  # one broken run must not end the sweep
+        s = {"run": name, "method": cfg.method, "seed": cfg.seed, "status": "failed",
+             "reason": f"{type(e).__name__}: {e}", "config_hash": _config.config_hash(cfg)}
+        atomic_write(Path(run_dir) / "summary.json", json.dumps(s, indent=1) + "\n")
+        print(f"  run {name} failed: {s['reason']}", file=sys.stderr, flush=True)
+        return s
 
 
 def write_results(sweep_dir: Path, summaries: list[dict]) -> Path:
@@ -134,13 +157,16 @@ def failed_runs(sweep_dir: Path) -> list[tuple[str, str]]:
 
 
 def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = False, plots: bool = True,
-              output_dir: str | None = None) -> Path:
+              output_dir: str | None = None, ray: str | None = None) -> Path:
     """Run every run of a config's sweep (skipping finished ones); write results and figures.
 
     Every run is checked against its model and data first
     (:func:`lora_jax.runner.build.validate_runs`), and the sweep folder is held
     with a lock file while the sweep runs, so a second sweep on it stops with a
     clear error instead of interleaving with this one.
+
+    With ``ray`` (a cluster address, ``auto`` or ``local``) the runs are Ray
+    tasks (:mod:`lora_jax.runner.ray`) that write the same files.
 
     Returns:
       The sweep folder ``<output_dir>/<name>``.
@@ -154,8 +180,15 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
     _build.validate_runs(runs)  # problems the configs alone determine stop here, before any run
     first = runs[0][1]
     sweep_dir = Path(output_dir or first.output_dir) / first.name
+    for _, cfg in runs:
+        tracking.check_installed(cfg.tracking)
     with locked(sweep_dir, "lora-jax sweep"):
-        _run_all(runs, sweep_dir, quiet=quiet)
+        if ray is not None:
+            from lora_jax.runner import ray as _ray
+
+            _ray.run_all(runs, sweep_dir, address=ray, quiet=quiet)
+        else:
+            _run_all(runs, sweep_dir, quiet=quiet)
         if plots:
             from lora_jax import plots as _plots
 
@@ -168,13 +201,7 @@ def _run_all(runs, sweep_dir: Path, *, quiet: bool) -> None:
     for k, (name, cfg) in enumerate(runs, 1):
         if not quiet:
             print(f"[{k}/{len(runs)}] {name}", file=sys.stderr, flush=True)
-        try:
-            s = run_one(name, cfg, sweep_dir / name, quiet=quiet)
-        except Exception as e:  # one broken run must not end the sweep
-            s = {"run": name, "method": cfg.method, "seed": cfg.seed, "status": "failed",
-                 "reason": f"{type(e).__name__}: {e}", "config_hash": _config.config_hash(cfg)}
-            atomic_write(sweep_dir / name / "summary.json", json.dumps(s, indent=1) + "\n")
-            print(f"  run {name} failed: {s['reason']}", file=sys.stderr, flush=True)
+        s = run_recorded(name, cfg, sweep_dir / name, quiet=quiet)
         summaries.append(s)
         write_results(sweep_dir, summaries)
         if not quiet and s.get("status") == "finished":
