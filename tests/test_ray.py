@@ -114,10 +114,13 @@ def local_results(tmp_path_factory, tiny_gguf, compile_cache):
     return d / "runs" / "raysweep"
 
 
-def test_sweep_on_a_two_node_cluster_writes_the_local_results(tmp_path, tiny_gguf, cluster, local_results):
+def test_sweep_on_a_two_node_cluster_writes_the_local_results(tmp_path, tiny_gguf, cluster, local_results, capsys):
     cfg = write_config(tmp_path / "c.yaml", tiny_gguf, "raysweep")
     out = tmp_path / "runs"
     assert cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out), "--ray", cluster]) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert [p.split("] ")[0] for p in progress] == [f"[{k}/4" for k in range(1, 5)]  # one line per ended run
+    assert sorted(p.split("] ")[1] for p in progress) == [f"lora_r{r}_s{s}: finished" for r in (1, 2) for s in (0, 1)]
     sweep = out / "raysweep"
     assert_same_results(sweep / "results.csv", local_results / "results.csv")
     for run in ("lora_r1_s0", "lora_r1_s1", "lora_r2_s0", "lora_r2_s1"):
@@ -154,7 +157,7 @@ def test_worker_killed_mid_run_is_retried_and_resumes_to_the_same_results(tmp_pa
     out = tmp_path / "runs"
     sweep = out / "raysweep"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    driver = subprocess.Popen([sys.executable, "-m", "lora_jax.cli", "sweep", str(cfg), "--quiet", "--output-dir",
+    driver = subprocess.Popen([sys.executable, "-m", "lora_jax.cli", "sweep", str(cfg), "--output-dir",
                                str(out), "--ray", cluster], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     killed = []
@@ -173,6 +176,7 @@ def test_worker_killed_mid_run_is_retried_and_resumes_to_the_same_results(tmp_pa
             driver.kill()
     assert killed, "no run was caught mid-run"
     assert driver.returncode == 0, log
+    assert "runs: 100%" in log and "4/4" in log and "failed=0" in log  # the driver's bar; killed runs did not fail
     resumed = [json.loads(p.read_text()).get("resumed_from_step") for p in sweep.glob("*/summary.json")]
     assert any(r for r in resumed), resumed  # at least one run resumed from a checkpoint after the kill
     assert_same_results(sweep / "results.csv", local_results / "results.csv")
