@@ -17,7 +17,8 @@ resumes and ends again leaves one event file whose steps match its metrics.
 Weights & Biases (``tracking.wandb_project``) and MLflow
 (``tracking.mlflow_uri``) receive the same scalars and the resolved config
 when configured; they are optional and checked up front by
-:func:`check_installed`.
+:func:`check_installed`. A tracker that fails (a service that is down) only
+warns: the run's own files are complete either way.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import math
 import struct
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -168,10 +170,15 @@ def log_run(run_name: str, cfg, run_dir: Path, summary: Mapping[str, Any]) -> No
         from lora_jax import config as _config
 
         params = _config.to_dict(cfg)
-        if tr.wandb_project:
-            _log_wandb(tr.wandb_project, run_name, run_dir, params, points)
-        if tr.mlflow_uri:
-            _log_mlflow(tr.mlflow_uri, run_name, params, points)
+        for on, send, args in ((tr.wandb_project, _log_wandb, (tr.wandb_project, run_name, run_dir)),
+                               (tr.mlflow_uri, _log_mlflow, (tr.mlflow_uri, run_name))):
+            if not on:
+                continue
+            try:
+                send(*args, params, points)
+            except Exception as e:  # a tracking service that is down must not turn a finished run into a failed one
+                warnings.warn(f"run {run_name}: could not log to {send.__name__[5:]} ({type(e).__name__}: {e}); "
+                              f"its metrics are in {Path(run_dir) / 'metrics.jsonl'}", stacklevel=2)
 
 
 def _log_wandb(project: str, run_name: str, run_dir: Path, params: dict, points) -> None:

@@ -134,6 +134,18 @@ def test_wandb_and_mlflow_get_the_same_scalars_and_the_config(tmp_path, monkeypa
     assert not (tmp_path / "r" / tracking.EVENTS_NAME).exists()
 
 
+def test_a_failing_tracker_warns_and_the_run_goes_on(tmp_path, monkeypatch):
+    def init(**kw):
+        raise ConnectionError("service unreachable")
+
+    monkeypatch.setitem(sys.modules, "wandb", fake_module("wandb", init=init))
+    write_metrics(tmp_path / "r")
+    cfg = config.from_dict({"tracking": {"wandb_project": "p"}})
+    with pytest.warns(UserWarning, match=r"run r: could not log to wandb \(ConnectionError: service unreachable\)"):
+        tracking.log_run("r", cfg, tmp_path / "r", {"steps": 2})
+    assert read_events(tmp_path / "r")["loss"] == [(1, 2.0), (2, 1.5)]  # TensorBoard events written all the same
+
+
 def test_configured_tracker_that_is_not_installed_is_a_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
