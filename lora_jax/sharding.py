@@ -51,6 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lora_jax import lora as _lora
 from lora_jax import paths as _paths
 from lora_jax.errors import ConfigError
+from lora_jax.io.hashing import host_array as to_host  # noqa: F401  (the whole value, from every process)
 from lora_jax.io.hashing import is_typed_key
 from lora_jax.models import stacking as _stacking
 from lora_jax.quant.codecs import DQ_BLOCK
@@ -284,28 +285,23 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
 
 
+def check_batch(rows: int, mesh: Mesh) -> None:
+    """Raise :class:`ConfigError` unless a batch of ``rows`` splits evenly over ``data`` x ``fsdp``."""
+    n = math.prod(axis_size(mesh, a) for a in BATCH_AXES)
+    if rows % n:
+        raise ConfigError(f"train.batch_size: a batch of {rows} rows cannot be split over the mesh's data x fsdp = "
+                          f"{n} devices; make the batch size a multiple of {n}")
+
+
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
     """Place a batch (every process passes the same global batch) split over ``data`` x ``fsdp``.
 
     Raises:
       ConfigError: the batch size is not a multiple of ``data * fsdp``.
     """
-    n = math.prod(axis_size(mesh, a) for a in BATCH_AXES)
-    rows = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
-    bad = sorted(r for r in rows if r % n)
-    if bad:
-        raise ConfigError(f"train.batch_size: a batch of {bad[0]} rows cannot be split over the mesh's data x fsdp = "
-                          f"{n} devices; make the batch size a multiple of {n}")
+    for rows in sorted({np.shape(x)[0] for x in jax.tree.leaves(batch)}):
+        check_batch(rows, mesh)
     return jax.tree.map(lambda x: put(x, batch_sharding(mesh, np.ndim(x))), batch)
-
-
-def to_host(x: Any) -> np.ndarray:
-    """The whole value of an array as a host numpy array, gathered from every process when it spans several."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def bytes_per_device(tree: PyTree) -> dict[Any, int]:

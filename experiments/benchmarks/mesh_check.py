@@ -24,25 +24,28 @@ Keys:
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import tempfile
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import numpy as np
+import optax
 
-import json  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
+import lora_jax as lj
+from lora_jax import sharding
+from lora_jax.io import state as ckpt
+from lora_jax.models import llama
+from lora_jax.models.stacking import stack_layers, unstack_layers
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-import lora_jax as lj  # noqa: E402
-from lora_jax import sharding  # noqa: E402
-from lora_jax.io import state as ckpt  # noqa: E402
-from lora_jax.models import llama  # noqa: E402
-from lora_jax.models.stacking import stack_layers  # noqa: E402
+def host_devices(n: int) -> None:
+    """Ask for ``n`` host CPU devices; call before JAX first touches a device (the backend reads XLA_FLAGS then)."""
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+
 
 SEVEN = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
 CFG = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64)
@@ -164,7 +167,7 @@ def main() -> dict:
     stacked = stack_layers(qparams)
     ref_state, ref_losses, _, _ = run(qparams, "sgd", None)
     state, losses, recompiles, placed = run(stacked, "sgd", sharding.make_mesh((1, 8, 1)))
-    unstacked = lj.models.stacking.unstack_layers(lj.combine(state.trainable, state.frozen))
+    unstacked = unstack_layers(lj.combine(state.trainable, state.frozen))
     state = state._replace(trainable=lj.split(unstacked)[0])
     out["stacked"] = {"recompiles": recompiles, "placed": placed, **compare(state, losses, ref_state, ref_losses)}
     out["stacked"]["layer_axis_spec"] = str(
@@ -177,6 +180,7 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
+    host_devices(8)
     res = main()
     text = json.dumps(res, indent=1)
     if len(sys.argv) > 1:

@@ -133,7 +133,7 @@ def relevant(key: str, method: str) -> bool:
 def _canonical(cfg: ExperimentConfig) -> dict[str, Any]:
     out = {}
     for path, value in _flatten(to_dict(cfg)).items():
-        if path not in ("name", "output_dir") and relevant(path, cfg.method):
+        if path not in ("name", "output_dir") and not path.startswith("mesh.") and relevant(path, cfg.method):
             out[path] = value
     return out
 
@@ -151,7 +151,7 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_hash(cfg: ExperimentConfig) -> str:
     """Return the sha256 (hex) of what can change a run's results.
 
-    The hash covers the resolved config except ``name``, ``output_dir`` and the
+    The hash covers the resolved config except ``name``, ``output_dir``, ``mesh`` (placement) and the
     keys the method does not read (:data:`IGNORED_BY_METHOD`): the same run
     under another experiment name, or a ``base`` run with another ``lora.rank``,
     hashes the same.
