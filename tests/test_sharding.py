@@ -170,3 +170,24 @@ def test_plan_prints_per_device_bytes_for_the_mesh(tiny_config):
     assert float(sharded["compile_s"]) > 0
     # The sharded step's per-device arguments: the base split 8 ways plus the replicated vectors and batch.
     assert float(sharded["step_args_mb"].replace(",", "")) < 0.5 * float(whole["step_args_mb"].replace(",", ""))
+
+
+def test_scale_benchmark_reads_the_sharding_keys(mesh_results):
+    sys.path.insert(0, str(ROOT / "experiments/benchmarks"))
+    import scale
+
+    multi = {"multiprocess_loss_rel_diff": 3e-7}
+    keys = scale.mesh_keys(mesh_results, multi)
+    assert keys["mesh_max_rel_loss_diff"] == max(c["loss_rel"] for c in mesh_results["cases"])
+    assert {c["mesh"][0] for c in mesh_results["cases"]} == {8, 2, 1} and len(mesh_results["cases"]) == 16
+    assert keys["fsdp8_frozen_bytes_per_device_over_total"] == mesh_results["fsdp8_frozen_bytes_per_device_over_total"]
+    assert keys["multiprocess_loss_rel_diff"] == 3e-7
+
+
+def test_readme_sharded_section_runs():
+    from test_readme import python_blocks
+
+    (code,) = python_blocks("Sharded runs")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert int(namespace["state"].step) == 1 and namespace["metrics"]["loss"].shape == ()

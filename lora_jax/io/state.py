@@ -12,6 +12,12 @@ name and :func:`~lora_jax.io.hashing.base_hash`). The frozen base itself is
 never written; restoring onto a base with another hash is refused. Nothing is
 read with pickle.
 
+Sharded states (:mod:`lora_jax.sharding`) save and restore as they are: a
+save gathers each array's whole value (from every process, which all call
+it; process 0 writes the file list), and a restore places each array on the
+sharding of ``like_state``'s array, so a step saved on one mesh restores on
+another mesh or on one device.
+
 Once a step is complete, the size and SHA-256 of each of its files are written
 beside them (``lora_jax_files.json``), so a file truncated or changed later is
 named before orbax reads it. ``restore_train_state(..., fallback=True)`` skips
