@@ -202,3 +202,7 @@ def test_mesh_config_checks_sizes_and_stays_out_of_the_run_hash():
         from_dict({"mesh": {"tensor": 0}})
     # A run resumes on another mesh: the mesh is placement, not part of what the run computes.
     assert config_hash(ExperimentConfig(mesh=MeshConfig(fsdp=8))) == config_hash(ExperimentConfig())
+
+
+def test_generation_with_sharded_params_gives_one_devices_tokens(mesh_results):
+    assert mesh_results["generate_tokens_equal"] is True

@@ -17,6 +17,8 @@ Keys:
               the embedding on (1, 4, 2) and (1, 8, 1)
   checkpoint  saved on (2, 4, 1): max |restored - saved| on (1, 8, 1) and on one device, and whether the
               restored arrays lie on like_state's shardings
+  generate_tokens_equal
+              greedy decoding (lora_jax.generate) with the QLoRA params on (1, 8, 1) gives one device's tokens
   fsdp8_frozen_bytes_per_device_over_total
               per-device argument bytes (compiled.memory_analysis()) of a program taking the frozen
               QLoRA base (dim 256, 2 layers) on mesh (1, 8, 1), over the base's total bytes
@@ -150,6 +152,16 @@ def frozen_fraction(params) -> float:
     return per_device / total
 
 
+def generate_case(params) -> bool:
+    """Greedy decoding with the params sharded on (1, 8, 1) gives the tokens of one device."""
+    mesh = sharding.make_mesh((1, 8, 1))
+    placed = sharding.place(params, sharding.param_shardings(params, mesh))
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    one = lj.generate.generate(params, CFG, prompts, max_new_tokens=6)
+    sharded = lj.generate.generate(placed, CFG, prompts, max_new_tokens=6)
+    return bool(np.array_equal(np.asarray(one.tokens), np.asarray(sharded.tokens)))
+
+
 def main() -> dict:
     assert jax.device_count() == 8, jax.devices()
     out: dict = {"cases": []}
@@ -175,6 +187,7 @@ def main() -> dict:
         .base.codes.spec)
     out["specs"] = {f"{m[1]}x{m[2]}": spec_strings(qparams, sharding.make_mesh(m)) for m in ((1, 4, 2), (1, 8, 1))}
     out["checkpoint"] = checkpoint_case(qparams, to_restore)
+    out["generate_tokens_equal"] = generate_case(qparams)
     out["fsdp8_frozen_bytes_per_device_over_total"] = frozen_fraction(params_of("qlora", WIDE))
     return out
 
