@@ -8,8 +8,16 @@ environment: ``LORA_JAX_COORDINATOR``, ``LORA_JAX_NUM_PROCESSES``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``. On CPUs the processes exchange
 data through gloo (``jax_cpu_collectives_implementation``).
 
-    lora-jax train cfg.yaml --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # on host 0
-    lora-jax train cfg.yaml --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 1   # on host 1
+    lora-jax plan cfg.yaml --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 0   # on host 0
+    lora-jax plan cfg.yaml --coordinator 10.0.0.1:1234 --num-processes 2 --process-id 1   # on host 1
+
+What works across processes: the sharded train step, :mod:`lora_jax.sharding`
+placement and train-state checkpoints in one shared folder
+(``experiments/benchmarks/multihost_check.py``, ``tests/test_multihost.py``).
+Not yet: the runner's own files. ``lora-jax train``/``sweep`` take a lock on
+the output folder and write metrics and summaries from every process, so
+several processes sharing one output folder are refused by the lock; and
+every process still reads the whole base file before placing its shards.
 """
 
 from __future__ import annotations
