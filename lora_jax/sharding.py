@@ -33,9 +33,9 @@ Examples:
   >>> dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
   True
   >>> p = lj.lora.init(jax.random.key(0), {"w": jnp.ones((64, 16))}, [lj.LoraRule(pattern="w", rank=2)])
-  >>> s = param_shardings(p, make_mesh({"fsdp": 1}))
+  >>> s = param_shardings(p, make_mesh({"fsdp": 1}))  # one device: nothing to split
   >>> s["w"].base.spec, s["w"].lora_a.spec, s["w"].lora_b.spec
-  (PartitionSpec(), PartitionSpec(), PartitionSpec())
+  (P(None, None), P(None, None), P(None, None))
 """
 
 from __future__ import annotations
