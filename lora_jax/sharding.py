@@ -18,7 +18,8 @@ every leaf of a parameter tree a ``NamedSharding`` by these conventions
 - a LoRA factor ``A (d_in, r)`` is split like its weight's input dimension,
   ``B (r, d_out)`` like its output dimension; the rank axis is replicated;
 - leading axes (the layer axis of stacked layers, :mod:`lora_jax.models.stacking`)
-  are replicated;
+  are replicated; so are the children of other node kinds (a method's own
+  weight type) until their rules are written here;
 - optimizer state is split like the parameter it belongs to; the step and key
   are replicated; batches are split over ``data`` x ``fsdp`` (:data:`BATCH_AXES`).
 
@@ -193,11 +194,13 @@ def param_shardings(params: PyTree, mesh: Mesh) -> PyTree:
     def one(path, x):
         if x is None:
             return None
-        if _lora.is_lora(x):
+        if type(x) is _lora.LoraWeight:
             return _lora_shardings(x, mesh)
-        lead = 1 if stacked and _paths.path_str(path).startswith(_stacking.LAYERS + "/") else 0
-        if isinstance(x, QTensor):
+        if type(x) is QTensor:
             return _qtensor_shardings(x, mesh, np.ndim(x.codes) - 2)[0]
+        if _lora.is_node(x):  # another kind of node (a method's own weight type): its children replicated
+            return jax.tree.map(lambda _: _named(mesh, 0, ()), x)
+        lead = 1 if stacked and _paths.path_str(path).startswith(_stacking.LAYERS + "/") else 0
         return _array_sharding(x, mesh, lead)
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: x is None or _lora.is_node(x))

@@ -206,3 +206,29 @@ def test_mesh_config_checks_sizes_and_stays_out_of_the_run_hash():
 
 def test_generation_with_sharded_params_gives_one_devices_tokens(mesh_results):
     assert mesh_results["generate_tokens_equal"] is True
+
+
+@jax.tree_util.register_pytree_node_class
+class _OtherNode:
+    """A weight node of a kind sharding has no rule for (as a method's own weight type would be)."""
+
+    def __init__(self, w, m):
+        self.w, self.m = w, m
+
+    def dequantize(self):
+        return self.w * self.m
+
+    def tree_flatten(self):
+        return (self.w, self.m), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+def test_other_node_kinds_are_replicated_child_by_child():
+    params = {"n": _OtherNode(jnp.ones((8, 4)), jnp.ones((1, 4))), "w": jnp.ones((8, 4))}
+    s = sharding.param_shardings(params, sharding.make_mesh())
+    assert isinstance(s["n"], _OtherNode) and s["n"].w.spec == s["n"].m.spec == jax.sharding.PartitionSpec()
+    placed = sharding.place(params, s)
+    assert jnp.array_equal(placed["n"].dequantize(), params["n"].dequantize())
