@@ -102,6 +102,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML file (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set lora.rank=16 (repeatable)")
+    g = p.add_argument_group("several processes (see lora_jax.distributed; or LORA_JAX_COORDINATOR, ...)")
+    g.add_argument("--coordinator", help="host:port of process 0")
+    g.add_argument("--num-processes", help="how many processes run this command")
+    g.add_argument("--process-id", help="this process, 0 .. num-processes - 1")
 
 
 def cmd_sweep(a) -> int:
@@ -258,6 +262,10 @@ def main(argv=None) -> int:
     if args.command != "plot":
         process_settings()
     try:
+        if hasattr(args, "config"):  # the config commands may run as several processes
+            from lora_jax import distributed
+
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         return args.fn(args)
     except OSError as e:
         # Files and folders the user named: the path, what is wrong with it and the fix; no traceback.

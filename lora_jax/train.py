@@ -62,7 +62,8 @@ def init_state(
     return TrainState(jnp.zeros((), jnp.int32), t, f, tx.init(t), key)
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, donate: bool = True):
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, donate: bool = True,
+                    shardings: TrainState | None = None):
     """Build a pure ``train_step(state, batch) -> (state, metrics)``.
 
     The step is an ordinary JAX function: call it as it is (its update is
@@ -109,6 +110,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, donate
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
+        if shardings is not None:
+            trainable = jax.lax.with_sharding_constraint(trainable, shardings.trainable)
+            opt_state = jax.lax.with_sharding_constraint(opt_state, shardings.opt_state)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
         return trainable, opt_state, step + 1, metrics
 

@@ -7,7 +7,7 @@ the layers stacked (``model.scan_layers``) and once unrolled; both programs
 then run one step from the same parameters, whose losses are compared.
 
     python experiments/benchmarks/scale.py            # depths 16 and 64
-    python experiments/benchmarks/scale.py --quick    # depths 1 and 2, a smoke run (seconds)
+    python experiments/benchmarks/scale.py --quick    # depths 1 and 2, a smoke run (seconds; no sharding keys)
 
 Keys (``<a>``, ``<b>`` the two depths):
   compile_s_depth<a>, compile_s_depth<b>    lower + compile of the scanned step, seconds (median of
@@ -23,6 +23,17 @@ Keys (``<a>``, ``<b>`` the two depths):
                              at depth <a> scanned, batch 4 x 128; null where the backend refuses it
   remat_step_s               {policy: median seconds per step}, the same programs, interleaved
   attention                  the attention this backend runs by default (auto)
+
+Sharding keys (8 host CPU devices, each check in a fresh subprocess: mesh_check.py, multihost_check.py):
+  mesh_max_rel_loss_diff     max |loss_mesh - loss_1dev| / |loss_1dev| over meshes (8,1,1), (2,4,1), (1,4,2),
+                             (1,8,1), LoRA and QLoRA, one SGD step and ten AdamW steps (<= 1e-5)
+  fsdp8_frozen_bytes_per_device_over_total
+                             per-device argument bytes (XLA's memory analysis) of the frozen QLoRA base on
+                             mesh (1,8,1) over its total bytes (<= 0.15)
+  multiprocess_loss_rel_diff two processes x 4 devices against one process x 8 devices, three AdamW steps (<= 1e-5)
+
+    python experiments/benchmarks/scale.py --only-mesh --update experiments/benchmarks/results/scale.json
+                              # recompute only the sharding keys, keep the others of that file
 """
 
 from __future__ import annotations
@@ -33,8 +44,11 @@ import datetime
 import json
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -145,12 +159,37 @@ def remat_rows(depth, batch, seq, reps) -> dict:
     return {"remat_temp_bytes": temp, "remat_step_s": {p: statistics.median(t) for p, t in times.items()}}
 
 
+def mesh_rows() -> dict:
+    """The sharding keys, from mesh_check.py and multihost_check.py run as fresh processes."""
+    here = Path(__file__).resolve().parent
+    out = {}
+    for script in ("mesh_check.py", "multihost_check.py"):
+        with tempfile.TemporaryDirectory() as d:
+            subprocess.run([sys.executable, str(here / script), f"{d}/out.json"], check=True,
+                           stdout=subprocess.DEVNULL)
+            out[script] = json.loads(Path(f"{d}/out.json").read_text())
+    return mesh_keys(out["mesh_check.py"], out["multihost_check.py"])
+
+
+def mesh_keys(mesh: dict, multi: dict) -> dict:
+    """The sharding keys from the JSON of mesh_check.py and multihost_check.py."""
+    return {"mesh_max_rel_loss_diff": max(c["loss_rel"] for c in mesh["cases"]),
+            "fsdp8_frozen_bytes_per_device_over_total": mesh["fsdp8_frozen_bytes_per_device_over_total"],
+            "multiprocess_loss_rel_diff": multi["multiprocess_loss_rel_diff"]}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="depths 1 and 2, small shapes: a smoke run")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per remat policy")
     ap.add_argument("--compile-reps", type=int, default=3, help="compilations per depth with scan (median)")
+    ap.add_argument("--only-mesh", action="store_true", help="compute only the sharding keys")
+    ap.add_argument("--update", metavar="JSON", help="merge the keys into this results file (and rewrite it)")
     args = ap.parse_args(argv)
+    if args.only_mesh:
+        res = json.loads(Path(args.update).read_text()) if args.update else {}
+        res.update(mesh_rows())
+        return _emit(res, args.update)
     depths = (1, 2) if args.quick else (16, 64)
     res = {"date": datetime.date.today().isoformat(), "backend": jax.default_backend(),
            "device": jax.devices()[0].device_kind, "jax": jax.__version__, "machine": platform.machine(),
@@ -160,7 +199,16 @@ def main(argv=None) -> dict:
     res["attention_max_rel_logit_diff"] = attention_diff()
     res["remat_shape"] = {"depth": depths[0], "batch": [4, 32 if args.quick else 128]}
     res.update(remat_rows(depths[0], 4, 32 if args.quick else 128, 1 if args.quick else args.reps))
-    print(json.dumps(res, indent=1))
+    if not args.quick:  # minutes of compilation on 2 cores; tests/test_sharding.py runs the same scripts
+        res.update(mesh_rows())
+    return _emit(res, args.update)
+
+
+def _emit(res: dict, path: str | None) -> dict:
+    text = json.dumps(res, indent=1)
+    print(text)
+    if path:
+        Path(path).write_text(text + "\n")
     return res
 
 

@@ -156,7 +156,7 @@ def config_hash(cfg: ExperimentConfig) -> str:
 
     The hash covers the resolved config except ``name``, ``output_dir`` and the
     keys the method does not read (:data:`IGNORED_BY_METHOD`) or that only say
-    where it runs and logs (:data:`RUNTIME_SECTIONS`): the same run
+    where it runs (``mesh`` included) and logs (:data:`RUNTIME_SECTIONS`): the same run
     under another experiment name, or a ``base`` run with another ``lora.rank``,
     hashes the same.
 

@@ -62,6 +62,11 @@ def valid_betas(v: tuple[float, float]) -> str | None:
     return None if all(0.0 <= b < 1.0 for b in v) else "must both be in [0, 1)"
 
 
+def mesh_axis(v: int) -> str | None:
+    """Check a mesh axis size: a positive int, or -1 for the devices the other axes leave."""
+    return None if v == -1 or v >= 1 else "must be a positive int, or -1 (the devices the other axes leave)"
+
+
 def _looks_like_path(v: str) -> bool:
     return "/" in v or os.sep in v or v.endswith(".gguf") or v.startswith((".", "~")) or Path(v).exists()
 

@@ -18,6 +18,7 @@ from lora_jax.config.fields import (
     at_least,
     checked_field,
     known_model,
+    mesh_axis,
     positive,
     safe_name,
     type_hints,
@@ -210,6 +211,36 @@ class TrainConfig(Section):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig(Section):
+    """The device mesh the run is sharded over (see :mod:`lora_jax.sharding`; placement only).
+
+    The sizes multiply to the number of devices (of all processes); one may be
+    ``-1``, the devices the others leave. All 1 (the default): no sharding.
+    The mesh is not part of the run's hash: a run resumes on another mesh.
+
+    Attributes:
+      data: copies of the model, each on its share of the batch.
+      fsdp: the frozen base, the adapters and the optimizer state are split
+        over these devices (and the batch with them).
+      tensor: matrices are also split along their other dimension.
+    """
+
+    section: ClassVar[str] = "mesh"
+    data: int = checked_field(1, check=mesh_axis)
+    fsdp: int = checked_field(1, check=mesh_axis)
+    tensor: int = checked_field(1, check=mesh_axis)
+
+    def _cross_checks(self) -> list[str]:
+        fill = [k for k in ("data", "fsdp", "tensor") if getattr(self, k) == -1]
+        return [f"mesh.{fill[1]}: only one axis may be -1 (got -1 for {' and '.join(fill)})"] if len(fill) > 1 else []
+
+    def sizes(self) -> dict[str, int]:
+        """``{"data": .., "fsdp": .., "tensor": ..}``; ``{}`` when every size is 1 (no mesh)."""
+        s = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        return {} if all(v == 1 for v in s.values()) else s
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ResourcesConfig(Section):
     """What one run asks of a Ray cluster (``lora-jax sweep --ray``); a local sweep ignores it.
 
@@ -242,8 +273,9 @@ class TrackingConfig(Section):
     mlflow_uri: str | None = None
 
 
-RUNTIME_SECTIONS = ("resources", "tracking")
-"""Sections that say where a run executes and where its metrics go, not what it computes: not in its hash."""
+RUNTIME_SECTIONS = ("resources", "tracking", "mesh")
+"""Sections that say where a run executes (and on which devices) and where its metrics go, not what it
+computes: not in its hash (a run resumes on another mesh or cluster)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -257,7 +289,7 @@ class ExperimentConfig(Section):
       seed: the root of every PRNG key of the run.
       output_dir: the folder that holds experiments.
       model, task, lora, quant, optim, train: the sections.
-      resources, tracking: how a run executes and is logged (not in :func:`config_hash`).
+      mesh, resources, tracking: where a run executes and how it is logged (not in :func:`config_hash`).
     """
 
     name: str = checked_field("experiment", check=safe_name)
@@ -270,6 +302,7 @@ class ExperimentConfig(Section):
     quant: QuantConfig = checked_field(factory=QuantConfig)
     optim: OptimConfig = checked_field(factory=OptimConfig)
     train: TrainConfig = checked_field(factory=TrainConfig)
+    mesh: MeshConfig = checked_field(factory=MeshConfig)
     resources: ResourcesConfig = checked_field(factory=ResourcesConfig)
     tracking: TrackingConfig = checked_field(factory=TrackingConfig)
 
@@ -288,7 +321,7 @@ class ExperimentConfig(Section):
 SECTIONS: dict[str, type[Section]] = {
     "model": ModelConfig, "task": TaskConfig, "lora": LoraConfig,
     "quant": QuantConfig, "optim": OptimConfig, "train": TrainConfig,
-    "resources": ResourcesConfig, "tracking": TrackingConfig,
+    "resources": ResourcesConfig, "tracking": TrackingConfig, "mesh": MeshConfig,
 }  # fmt: skip
 """The sections of :class:`ExperimentConfig` by key."""
 

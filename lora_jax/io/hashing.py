@@ -22,8 +22,17 @@ def is_typed_key(x: Any) -> bool:
 
 
 def host_array(x: Any) -> np.ndarray:
-    """Return ``x`` as a host numpy array (typed PRNG keys as their key data)."""
-    return np.asarray(jax.random.key_data(x) if is_typed_key(x) else x)
+    """Return ``x`` as a host numpy array (typed PRNG keys as their key data).
+
+    An array spread over the devices of several processes is gathered from all
+    of them (every process must call this for it, in the same order).
+    """
+    x = jax.random.key_data(x) if is_typed_key(x) else x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def _update(h, path: str, a: np.ndarray) -> None:

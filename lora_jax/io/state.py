@@ -12,6 +12,12 @@ name and :func:`~lora_jax.io.hashing.base_hash`). The frozen base itself is
 never written; restoring onto a base with another hash is refused. Nothing is
 read with pickle.
 
+Sharded states (:mod:`lora_jax.sharding`) save and restore as they are: a
+save gathers each array's whole value (from every process, which all call
+it; process 0 writes the file list), and a restore places each array on the
+sharding of ``like_state``'s array, so a step saved on one mesh restores on
+another mesh or on one device.
+
 Once a step is complete, the size and SHA-256 of each of its files are written
 beside them (``lora_jax_files.json``), so a file truncated or changed later is
 named before orbax reads it. ``restore_train_state(..., fallback=True)`` skips
@@ -203,7 +209,7 @@ def save_train_state(
         record: dict[str, Any] = {"path": path}
         if is_typed_key(x):
             record["key_impl"] = str(jax.random.key_impl(x))
-        a = np.array(host_array(x))  # a host copy: safe against later buffer donation and async writes
+        a = np.array(host_array(x))  # a host copy (gathered from every process): safe against donation
         record.update(shape=list(a.shape), dtype=a.dtype.name)
         arrays.append(a)
         records.append(record)
@@ -229,8 +235,18 @@ def save_train_state(
         m.save(step, args=args, force=True)
         if not hasattr(manager_or_dir, "latest_step"):
             m.wait_until_finished()
-            _write_file_list(Path(m.directory) / str(step))
+            if jax.process_index() == 0:  # with several processes (one shared folder), the first writes the list
+                _write_file_list(Path(m.directory) / str(step))
+            _sync(f"lora_jax_saved_{step}")
     return step
+
+
+def _sync(name: str) -> None:
+    """Wait until every process got here (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _write_file_list(step_dir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The training loop of one run: checkpoints, metrics lines, progress, resume, NaN handling."""
+"""The training loop of one run: checkpoints, metrics lines, progress, resume, NaN handling, the mesh."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import jax
 from lora_jax import data as _data
 from lora_jax import paths as _paths
 from lora_jax import train as _train
+from lora_jax.io import hashing
 from lora_jax.io.files import atomic_write
 from lora_jax.runner.build import RunContext, loss_fn, make_lr_schedule, make_optimizer
 from lora_jax.runner.evaluate import evaluate
@@ -100,13 +101,15 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
     tx = make_optimizer(cfg.optim, steps)
     trainable = _paths.everything if cfg.method == "full" else _paths.is_trainable_leaf
     state = _train.init_state(ctx.params, tx, jax.random.fold_in(jax.random.key(cfg.seed), 2), trainable)
-    step_fn = _train.ahead_of_time(_train.make_train_step(loss_fn(ctx.model.config, cfg), tx))
+    state, shard_batch, shardings = place_on_mesh(cfg, state)
+    step_fn = _train.ahead_of_time(_train.make_train_step(loss_fn(ctx.model.config, cfg), tx, shardings=shardings))
     ckpt_dir = run_dir / "ckpt"
     every = cfg.train.checkpoint_every or steps
     base_id = f"{cfg.model.name}:{cfg.method}"
+    base_hash = hashing.base_hash(state.frozen)  # once: every save records it, a restore checks it
     restored = None
     if ckpt_dir.exists():
-        restored = ckpt.restore_train_state(ckpt_dir, state, base_id=base_id, fallback=True)
+        restored = ckpt.restore_train_state(ckpt_dir, state, base_id=base_id, fallback=True, base_hash=base_hash)
     start = 0
     if restored is not None:
         state, _extra = restored
@@ -123,7 +126,7 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
     done = start
     with open(metrics_path, "a") as mf, stop_on_sigint() as stop:
         for step in range(start, steps):
-            batch = _data.batch_at(ctx.train_data, step, batch_size=cfg.train.batch_size, seed=cfg.seed)
+            batch = shard_batch(_data.batch_at(ctx.train_data, step, batch_size=cfg.train.batch_size, seed=cfg.seed))
             t0 = time.perf_counter()
             state, m = step_fn(state, batch)
             loss = float(m["loss"])
@@ -148,7 +151,7 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
                 # The lines up to this step reach the disk before the checkpoint that makes them final.
                 mf.flush()
                 os.fsync(mf.fileno())
-                ckpt.save_train_state(ckpt_dir, state, base_id=base_id, extra={"data_step": done})
+                ckpt.save_train_state(ckpt_dir, state, base_id=base_id, extra={"data_step": done}, base_hash=base_hash)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_step / dt:,.0f}")
                 bar.update(1)
@@ -165,6 +168,23 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
     losses = losses or [r["loss"] for r in kept if "loss" in r]
     status["train_loss"] = losses[-1] if losses else None
     return state.params, status
+
+
+def place_on_mesh(cfg, state: _train.TrainState):
+    """Shard ``state`` over the config's ``mesh:`` (:mod:`lora_jax.sharding`); no mesh: nothing changes.
+
+    Returns ``(state, shard_batch, shardings)``: the placed state, a function
+    that places each batch, and the state's shardings for the train step
+    (``None`` without a mesh).
+    """
+    sizes = cfg.mesh.sizes()
+    if not sizes:
+        return state, lambda batch: batch, None
+    from lora_jax import sharding
+
+    mesh = sharding.make_mesh(sizes)
+    shardings = sharding.state_shardings(state, mesh)
+    return sharding.place(state, shardings), lambda batch: sharding.shard_batch(batch, mesh), shardings
 
 
 def step_times(kept: list[dict], times: list[float], first: list[float], tok_per_step: int) -> dict:

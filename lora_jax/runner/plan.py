@@ -1,12 +1,15 @@
 """``lora-jax plan``: what each run of a sweep will cost, before anything trains.
 
 For every run: trainable / frozen parameter counts, the bytes of the frozen base
-(packed for QLoRA), and, from XLA's compiled train step, the FLOPs per step and
-the memory the step needs (arguments, outputs and temporaries).
+(packed for QLoRA), and, from XLA's compiled train step, the FLOPs per step,
+the memory the step needs (arguments, outputs and temporaries) and the compile
+time. With a ``mesh:`` in the config the step is compiled for that mesh (from
+shapes; nothing is placed) and the bytes are per device.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
@@ -45,9 +48,14 @@ def plan_run(name: str, cfg: _config.ExperimentConfig, *, compile_cost: bool = T
         tx = _build.make_optimizer(cfg.optim, cfg.train.steps)
         filt = _paths.everything if cfg.method == "full" else _paths.is_trainable_leaf
         state = _train.init_state(params, tx, jax.random.key(0), filt)
-        step = _train.make_train_step(_build.loss_fn(model.config), tx)
+        shardings, batch = None, _abstract_batch(cfg)
+        if cfg.mesh.sizes():
+            state, batch, shardings, row["mesh"] = _on_mesh(cfg, state, batch)
+        step = _train.make_train_step(_build.loss_fn(model.config), tx, shardings=shardings)
+        t0 = time.perf_counter()
         compiled = step.jitted.lower(state.trainable, state.opt_state, state.frozen, state.key, state.step,
-                                       _abstract_batch(cfg)).compile()
+                                       batch).compile()
+        row["compile_s"] = time.perf_counter() - t0
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         mem = compiled.memory_analysis()
@@ -59,6 +67,24 @@ def plan_run(name: str, cfg: _config.ExperimentConfig, *, compile_cost: bool = T
     return row
 
 
+def _on_mesh(cfg: _config.ExperimentConfig, state: _train.TrainState, batch: dict):
+    """The state and batch as shapes on the config's mesh (nothing placed), the shardings and the mesh's name."""
+    from lora_jax import sharding
+
+    mesh = sharding.make_mesh(cfg.mesh.sizes())
+    shardings = sharding.state_shardings(state, mesh)
+
+    def abstract(x, s):
+        return None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    leaves, treedef = jax.tree.flatten(state, is_leaf=lambda x: x is None)
+    shards = jax.tree.leaves(shardings, is_leaf=lambda x: x is None)
+    state = treedef.unflatten([abstract(x, s) for x, s in zip(leaves, shards, strict=True)])
+    sharding.check_batch(cfg.train.batch_size, mesh)
+    batch = {k: abstract(v, sharding.batch_sharding(mesh, len(v.shape))) for k, v in batch.items()}
+    return state, batch, shardings, "x".join(str(mesh.shape[a]) for a in mesh.axis_names)
+
+
 def plan(config_path, overrides=(), *, compile_cost: bool = True) -> list[dict[str, Any]]:
     """Plan every run of a config's sweep."""
     return [plan_run(name, cfg, compile_cost=compile_cost) for name, cfg in _config.load_sweep(config_path, overrides)]
@@ -66,8 +92,8 @@ def plan(config_path, overrides=(), *, compile_cost: bool = True) -> list[dict[s
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of :func:`plan` rows."""
-    cols = ["run", "method", "rank", "trainable", "frozen", "base_mb", "base_bits", "gflop_per_step",
-            "step_args_mb", "step_temp_mb"]
+    cols = ["run", "method", "rank", "trainable", "frozen", "base_mb", "base_bits", "mesh", "gflop_per_step",
+            "step_args_mb", "step_temp_mb", "compile_s"]
     cols = [c for c in cols if any(c in r for r in rows)]
 
     def fmt(v):
