@@ -200,7 +200,7 @@ def unstack(members: Members, k: int) -> PyTree:
     def cut(x):
         if not _lora.is_lora(x):
             return x
-        return dataclasses.replace(x, lora_a=x.lora_a[k][..., :r], lora_b=x.lora_b[k][..., :r, :], scale=scale)
+        return dataclasses.replace(x, lora_a=x.lora_a[k][..., :r], lora_b=x.lora_b[k][..., :r, :])
 
     mine = jax.tree.map(cut, members.trainable, is_leaf=_lora.is_node)
     return with_scale(_paths.combine(mine, members.frozen), scale)
