@@ -47,7 +47,7 @@ from lora_jax.train import TrainState
 
 __all__ = [
     "Hyper", "Members", "init_state", "make_fused_eval", "make_fused_step", "mask_factors", "member_params",
-    "rank_masks", "stack", "unstack", "with_scale",
+    "rank_masks", "side_by_side", "stack", "unstack", "with_scale",
 ]
 
 PyTree = Any
@@ -324,3 +324,21 @@ def make_fused_eval(loss_fn: Callable[[PyTree, Any], tuple[jax.Array, dict]]):
         return jax.vmap(one)(trainable, ranks, scales)
 
     return fused_eval
+
+
+def side_by_side(base: PyTree, specs: Sequence[tuple[str, float]]) -> Members:
+    """Load adapter folders (``(folder, weight)`` as ``lora-jax generate --adapter`` gives them) as members.
+
+    Raises:
+      GenerateError: an adapter is given a weight other than 1 (each answers as it is).
+      LoraError: the adapters target different weights (see :func:`stack`).
+    """
+    from lora_jax import adapters
+    from lora_jax.errors import GenerateError
+
+    if not specs:
+        raise GenerateError("--side-by-side compares adapters: give two or more --adapter DIR")
+    weighted = [f"{folder}:{w:g}" for folder, w in specs if w != 1.0]
+    if weighted:
+        raise GenerateError(f"--side-by-side answers with each adapter as it is; drop the weights of {weighted}")
+    return stack([adapters.load(folder, base) for folder, _ in specs])

@@ -321,3 +321,17 @@ def _fused_step_cost(cfgs) -> dict[str, float]:
     if mem is None:
         return {}
     return {"step_args_mb": mem.argument_size_in_bytes / 1e6, "step_temp_mb": mem.temp_size_in_bytes / 1e6}
+
+
+def print_plan(config_path, overrides=(), *, compile_cost: bool = True, force: bool = False) -> None:
+    """Print the fused groups of a sweep (``lora-jax plan``) when it is fused (``sweep.fused`` or ``force``)."""
+    from lora_jax.config.expand import sweep_options
+
+    if not (force or sweep_options(_config.load_raw(config_path, overrides))["fused"]):
+        return
+    rows = plan_groups(_config.load_sweep(config_path, overrides), compile_cost=compile_cost)
+    print(f"\nfused groups: {len(rows)} (each one compiled program)")
+    for r in rows:
+        cost = "".join(f", {k} {r[k]:,.1f}" for k in ("step_args_mb", "step_temp_mb") if k in r)
+        print(f"  {r['group']}: {r['runs']} runs, ranks {r['ranks']} padded to {r['padded_rank']}{cost}: "
+              f"{r['members']}")
