@@ -297,6 +297,7 @@ def make_fused_step(loss_fn: Callable[[PyTree, Any], tuple[jax.Array, dict]], *,
             batch)
         return t, (adam, failed), step + 1, metrics
 
+    update.__name__ = update.__qualname__ = "fused_train_step"  # its name in JAX's compilation log
     jitted = jax.jit(update, donate_argnums=(0, 1))
 
     def fused_step(state: TrainState, hyper: Hyper, batch) -> tuple[TrainState, dict]:

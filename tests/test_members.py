@@ -212,3 +212,14 @@ def test_stack_and_per_row_generation_refuse_what_they_cannot_do(base):
         members.side_by_side(base, [("x", 0.5)])
     with pytest.raises(LoraError, match="not fused"):
         members.make_fused_step(loss, optimizer="lion")
+
+
+def test_the_readme_fused_sweeps_code_runs(capsys):
+    from test_readme import python_blocks
+
+    blocks = python_blocks("Fused sweeps")
+    assert blocks, "the section lost its code block"
+    namespace: dict = {}
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), namespace)
+    assert capsys.readouterr().out.strip() == "(2, 4) 1"
