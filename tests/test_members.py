@@ -52,13 +52,19 @@ def alone(params, seed: int, opt: OptimConfig, steps: int = STEPS, step_fn=None)
     return np.array(losses), float(loss(state.params, VAL)[0]), state.params
 
 
+FUSED_STEPS = {}  # one fused step per optimizer: groups of one shape share its compilation
+
+
 def fused(trees, seeds, opts, steps: int = STEPS, grad_clip=1.0, optimizer="adamw", tamper=None):
     m = members.stack(trees)
     keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 2) for s in seeds])
     state = members.init_state(m, keys, optimizer=optimizer)
     if tamper is not None:
         state = state._replace(trainable=tamper(state.trainable))
-    step = members.make_fused_step(loss, optimizer=optimizer, grad_clip=grad_clip)
+    if (optimizer, grad_clip) not in FUSED_STEPS:
+        FUSED_STEPS[optimizer, grad_clip] = members.make_fused_step(loss, optimizer=optimizer, grad_clip=grad_clip)
+    step = FUSED_STEPS[optimizer, grad_clip]
+    compiled = step.cache_size()
     scheds = [build.make_lr_schedule(o, steps) for o in opts]
     wd = jnp.asarray([o.weight_decay for o in opts], jnp.float32)
     losses = []
@@ -68,14 +74,16 @@ def fused(trees, seeds, opts, steps: int = STEPS, grad_clip=1.0, optimizer="adam
         state, metrics = step(state, members.Hyper(m.ranks, m.scales, lr, wd), b)
         losses.append(np.asarray(metrics["loss"]))
     final = members.Members(state.trainable, state.frozen, m.ranks, m.scales)
-    ev = members.make_fused_eval(loss)(final.trainable, final.frozen, final.ranks, final.scales, VAL)
-    return np.array(losses), np.asarray(ev["loss"]), final, state, step
+    return np.array(losses), final, state, step.cache_size() - compiled
 
 
 def check_equal_to_runs_alone(base, grid, opt):
     trees = [adapted(base, r, s) for r, s in grid]
-    f_losses, f_val, final, _, step = fused(trees, [s for _, s in grid], [opt] * len(grid))
-    assert step.cache_size() == 1  # one compilation serves the grid, learning rates changing every step included
+    f_losses, final, _, compiled = fused(trees, [s for _, s in grid], [opt] * len(grid))
+    assert compiled <= 1  # one compilation serves the grid, learning rates changing every step included
+    for _, node in lora.nodes(final.trainable):  # padded positions start at zero and stay there
+        for k, (r, _) in enumerate(grid):
+            assert not np.any(np.asarray(node.lora_a[k, :, r:])) and not np.any(np.asarray(node.lora_b[k, r:]))
     steps_by_rank = {}
     for k, (r, s) in enumerate(grid):
         tx = build.make_optimizer(opt, STEPS)
@@ -83,11 +91,10 @@ def check_equal_to_runs_alone(base, grid, opt):
             steps_by_rank[r] = train.make_train_step(loss, tx)
         losses, val, params = alone(trees[k], s, opt, step_fn=steps_by_rank[r])
         np.testing.assert_allclose(f_losses[:, k], losses, rtol=1e-4, err_msg=f"train loss of rank {r}, seed {s}")
-        assert f_val[k] == pytest.approx(val, rel=1e-4), (r, s)
         mine = members.unstack(final, k)
         node = lora.nodes(mine)[0][1]
         assert node.rank == r and node.scale == pytest.approx(8.0 / r)  # the true rank, the member's own scale
-        assert float(loss(mine, VAL)[0]) == pytest.approx(val, rel=1e-4)
+        assert float(loss(mine, VAL)[0]) == pytest.approx(val, rel=1e-4), (r, s)  # validation loss
 
 
 def test_each_member_ends_as_its_run_alone_ranks_1_4_16_seeds_0_1(base):
@@ -117,22 +124,14 @@ def test_masked_rank_positions_are_ignored_and_never_updated_whatever_they_hold(
             return lora.LoraWeight(x.base, a, b, x.scale, x.in_ndim, x.dropout)
         return jax.tree.map(fill, t, is_leaf=lora.is_node)
 
-    f_losses, _, final, _, _ = fused(trees, [0, 1], [opt, opt], steps=6, tamper=tamper)
-    losses, _, _ = alone(trees[0], 0, opt, steps=6)
-    np.testing.assert_allclose(f_losses[:, 0], losses, rtol=1e-5)
+    clean, _, _, _ = fused(trees, [0, 1], [opt, opt], steps=6)
+    f_losses, final, _, compiled = fused(trees, [0, 1], [opt, opt], steps=6, tamper=tamper)
+    assert compiled == 0  # the same program as the clean group
+    np.testing.assert_allclose(f_losses, clean, rtol=1e-6)
     for _, node in lora.nodes(final.trainable):
         assert np.all(np.asarray(node.lora_a[0, :, 1:]) == 7.0)
         assert np.all(np.asarray(node.lora_b[0, 1:]) == -3.0)
         assert np.any(np.asarray(node.lora_b[0, :1]) != 0.0)  # the rank-1 part did train
-
-
-def test_padded_positions_start_and_stay_zero(base):
-    trees = [adapted(base, r, s) for r, s in [(1, 0), (16, 1)]]
-    opt = OptimConfig(lr=3e-3, weight_decay=0.1)
-    _, _, final, _, _ = fused(trees, [0, 1], [opt, opt], steps=3)
-    for _, node in lora.nodes(final.trainable):
-        assert node.lora_a.shape[-1] == 16
-        assert np.all(np.asarray(node.lora_a[0, :, 1:]) == 0.0) and np.all(np.asarray(node.lora_b[0, 1:]) == 0.0)
 
 
 def toy_group(lrs, seeds, steps=6):
@@ -177,15 +176,16 @@ def random_adapters(base, ranks):
 
 
 def test_per_row_adapters_generate_what_each_adapter_generates_alone(base):
-    trees = random_adapters(base, (1, 4, 16))
+    trees = random_adapters(base, (1, 4))
     m = members.stack(trees)
-    prompts, index = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3, 3]], [2, 0, 1, 2]
-    out = generate.generate(m, CFG, prompts, adapter_index=index, max_new_tokens=8, stop_ids=(5,))
+    prompts, index = [[1, 2, 3], [4, 5], [6, 7, 8, 9]], [1, 0, 1]
+    out = generate.generate(m, CFG, prompts, adapter_index=index, max_new_tokens=6, stop_ids=(5,))
     rows = out.rows()
-    for row, (prompt, k) in enumerate(zip(prompts, index, strict=True)):
-        assert rows[row] == generate.generate(trees[k], CFG, [prompt], max_new_tokens=8, stop_ids=(5,)).rows()[0]
-    plain = generate.generate(base, CFG, prompts, max_new_tokens=8, stop_ids=(5,)).rows()
-    assert rows != plain  # the adapters change the answers: the comparison above can fail
+    for k, tree in enumerate(trees):  # each adapter alone, on its rows, in one batch of its own
+        mine = [p for p, i in zip(prompts, index, strict=True) if i == k]
+        alone = generate.generate(tree, CFG, mine, max_new_tokens=6, stop_ids=(5,)).rows()
+        assert [r for r, i in zip(rows, index, strict=True) if i == k] == alone
+    assert generate.generate(trees[0], CFG, prompts[:2], max_new_tokens=6, stop_ids=(5,)).rows() != rows[:2]
 
 
 def test_stack_and_per_row_generation_refuse_what_they_cannot_do(base):
