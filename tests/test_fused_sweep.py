@@ -1,5 +1,6 @@
 """Fused sweeps end to end on a tiny GGUF model: same files and numbers as runs alone, failures, resume, plan."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 from tiny_models import write_tiny_chat_gguf, write_yaml_config
 
@@ -16,6 +18,7 @@ from lora_jax.errors import ConfigError
 from lora_jax.runner import fused
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "benchmarks"))  # the benchmark's smoke run
 
 
 @pytest.fixture(scope="module")
@@ -158,18 +161,41 @@ def test_sweep_fused_must_be_a_bool_and_can_be_set_from_the_shell(tmp_path, tiny
     assert len(config.load_sweep(good, ["sweep.fused=true"])) == 2
 
 
+def hand_adapter(model: Path, folder: Path, rank: int, seed: int) -> str:
+    """An adapter folder with large random B (it changes what the tiny model says)."""
+    from lora_jax import lora
+    from lora_jax.io import adapters
+    from lora_jax.models import registry
+
+    params, _, _ = registry.load_model(str(model), dequantize=True)
+    rule = lora.LoraRule(pattern=r"layers/\d+/(attn/(q|v)_proj|mlp/down_proj)/kernel", rank=rank, alpha=8)
+    adapted = jax.tree.map(
+        lambda x: dataclasses.replace(x, lora_b=2.0 * jax.random.normal(jax.random.key(seed), x.lora_b.shape))
+        if lora.is_lora(x) else x,
+        lora.init(jax.random.key(seed), params, [rule]), is_leaf=lora.is_lora)  # fmt: skip
+    return str(adapters.save_adapter(folder, adapted, rules=[rule]))
+
+
 def test_generate_side_by_side_answers_each_prompt_with_each_adapter(tmp_path, tiny, capsys):
-    cfg = write_config(tmp_path / "c.yaml", tiny, **{"train.steps": 3, "optim.lr": 0.05},
-                       sweep={"lora.rank": [1, 2], "fused": True})
-    assert sweep(cfg, tmp_path / "runs") == 0
     model = str(tiny[0])
-    adapters = [str(tmp_path / "runs" / "t" / n / "adapter") for n in ("lora_r1", "lora_r2")]
+    adapters = [hand_adapter(tiny[0], tmp_path / f"a{r}", r, seed) for r, seed in ((1, 8), (4, 9))]
     args = ["generate", "--model", model, "--prompt", "add 3 and 4", "--prompt", "hi", "--max-new-tokens", "5"]
-    capsys.readouterr()
     alone = []
     for a in adapters:
         assert cli.main([*args, "--adapter", a]) == 0
         alone.append(capsys.readouterr().out.splitlines())
+    assert alone[0] != alone[1]  # the adapters answer differently: the comparison below can fail
     assert cli.main([*args, "--adapter", adapters[0], "--adapter", adapters[1], "--side-by-side"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"== {adapters[0]}", *alone[0], f"== {adapters[1]}", *alone[1]]
+
+
+def test_benchmark_quick_run_reports_equal_members_and_one_compilation(tmp_path):
+    import fused_sweep
+
+    res = fused_sweep.main(["--quick", "--out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == res
+    assert res["all_finished"] and res["runs"] == ["lora_r1_s0", "lora_r2_s0"]
+    assert res["max_member_rel_diff"] <= 1e-4
+    assert res["compiles"] == {"sequential": 2, "fused": 1, "fused_groups": 1}
+    assert res["fused_over_sequential_wall"] == res["fused_wall_s"][0] / res["sequential_wall_s"][0]

@@ -40,7 +40,7 @@ COMPILED = re.compile(r"Finished XLA compilation of jit\((\w+)\) in ([0-9.eE+-]+
 
 
 def quick_config(folder: Path) -> tuple[Path, list[str]]:
-    """A tiny random model and a config of two ranks x two seeds, a few steps (the smoke run)."""
+    """A tiny random model and a config of two ranks, a few steps (the smoke run)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_models import write_tiny_chat_gguf
 
@@ -50,7 +50,8 @@ def quick_config(folder: Path) -> tuple[Path, list[str]]:
                             for i in range(32)))
     overrides = [f"model.name={model}", "task.name=jsonl", f"task.path={data}", "task.max_len=48",
                  "task.n_train=16", "task.n_val=4", "task.n_eval_generate=2", "task.max_new_tokens=4",
-                 "train.steps=3", "train.eval_batches=1", "optim.warmup_steps=1", "sweep.lora.rank=[1, 2]"]
+                 "train.steps=3", "train.eval_batches=1", "optim.warmup_steps=1", "sweep.lora.rank=[1, 2]",
+                 "sweep.seed=[0]"]
     return CONFIG, overrides
 
 
