@@ -81,10 +81,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a tiny random model, a few steps: a smoke run")
     ap.add_argument("--reps", type=int, default=1, help="rounds of (sequential, fused)")
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for both modes (e.g. train.steps=10 on a busy machine); recorded")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config, overrides = quick_config(tmp) if args.quick else (CONFIG, [])
+        overrides += args.overrides
         rounds = []
         for r in range(args.reps):
             rounds.append({mode: run_sweep(config, overrides, tmp / f"{mode}{r}", mode == "fused")
@@ -95,7 +98,7 @@ def main(argv=None) -> dict:
              for run, s in seq.items()}
     res = {
         "model": "tiny random Llama (quick)" if args.quick else "SmolLM2-135M-Instruct (GGUF Q4_1, fp32 weights)",
-        "runs": sorted(seq), "steps": next(iter(seq.values()))["steps"],
+        "runs": sorted(seq), "steps": next(iter(seq.values()))["steps"], "overrides": args.overrides,
         "sequential_wall_s": [r["sequential"]["wall_s"] for r in rounds],
         "fused_wall_s": [r["fused"]["wall_s"] for r in rounds],
         "fused_over_sequential_wall": statistics.median(r["fused"]["wall_s"] / r["sequential"]["wall_s"]
