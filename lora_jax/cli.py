@@ -111,7 +111,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_sweep(a) -> int:
     from lora_jax.runner import sweep
 
-    out = sweep.run_sweep(a.config, a.overrides, quiet=a.quiet, output_dir=a.output_dir, ray=a.ray)
+    out = sweep.run_sweep(a.config, a.overrides, quiet=a.quiet, output_dir=a.output_dir, ray=a.ray, fused=a.fused)
     print(f"results: {out / 'results.csv'}\nfigures: {out / 'figures'}")
     failed = sweep.failed_runs(out)
     if failed:
@@ -148,6 +148,9 @@ def cmd_plan(a) -> int:
 
     rows = plan.plan(a.config, a.overrides, compile_cost=not a.no_compile)
     print(plan.format_table(rows))
+    from lora_jax.runner import fused
+
+    fused.print_plan(a.config, a.overrides, compile_cost=not a.no_compile, force=a.fused)
     return 0
 
 
@@ -179,14 +182,23 @@ def cmd_generate(a) -> int:
     for folder, _ in specs:
         check_adapter_folder(folder)
     params, cfg, tok = registry.load_model(a.model, dequantize=not a.quantized)
-    if specs:
+    prompts = a.prompt if a.raw else [[{"role": "user", "content": p}] for p in a.prompt]
+    extra = {}
+    if a.side_by_side:  # every prompt answered by each adapter, all in one batch
+        from lora_jax import members
+
+        params = members.side_by_side(params, specs)
+        extra["adapter_index"] = [k for k in range(len(specs)) for _ in prompts]
+        prompts = prompts * len(specs)
+    elif specs:
         params = adapters.combine_adapters(params, specs)
     import jax
 
-    prompts = a.prompt if a.raw else [[{"role": "user", "content": p}] for p in a.prompt]
     texts = generate.generate_text(params, cfg, tok, prompts, chat=not a.raw, max_new_tokens=a.max_new_tokens,
-                                   temperature=a.temperature, top_p=a.top_p, key=jax.random.key(a.seed))
-    for t in texts:
+                                   temperature=a.temperature, top_p=a.top_p, key=jax.random.key(a.seed), **extra)
+    for i, t in enumerate(texts):
+        if a.side_by_side and i % len(a.prompt) == 0:
+            print(f"== {specs[i // len(a.prompt)][0]}")
         print(t)
     return 0
 
@@ -216,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where runs go (default: the config's output_dir)")
     p.add_argument("--ray", metavar="ADDRESS", help="run each run as a Ray task: a cluster address (host:port), "
                    "'auto' for the running cluster, 'local' to start one here; the output dir must be shared")
+    p.add_argument("--fused", action="store_true", help="train runs that can share a program as one (sweep.fused)")
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("train", help="train one run: the config without its sweep block")
@@ -228,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="parameter counts, base bytes, XLA FLOPs and memory per run; trains nothing")
     _add_config_args(p)
     p.add_argument("--no-compile", action="store_true", help="skip XLA's compiled cost and memory analysis")
+    p.add_argument("--fused", action="store_true", help="also show the fused groups (as sweep.fused: true does)")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("eval", help="evaluate the base model, or base + adapter, on the config's task")
@@ -246,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="prompt is raw text, not a chat message")
     p.add_argument("--quantized", action="store_true", help="keep GGUF blocks quantized (int4/int8 leaves)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="answer every prompt with each --adapter on its own, all in one batch")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("plot", help="regenerate the figures of a sweep from its stored files")

@@ -13,6 +13,10 @@ every row writes its next token at the same cache column; padding is masked out
 of attention and RoPE positions count real tokens only, which makes a padded
 row compute what the prompt computes alone. Prompts may be given as ragged
 lists, or as an array with an ``attention_mask`` padded on either side.
+
+Many adapters in one batch: given :class:`lora_jax.members.Members` and an
+``adapter_index`` per row, each row is decoded with its own adapter in one
+program (``jax.vmap`` over rows, the base shared and read once per step).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import members as _members
 from lora_jax.errors import GenerateError
 from lora_jax.models import llama as _llama
 from lora_jax.models import stacking as _stacking
@@ -157,11 +162,24 @@ def _decode(params, tokens_BP, mask_BP, key, temperature, top_p, *, config, max_
     return state[2]
 
 
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "mode", "stop_ids", "pad_id"))
+def _decode_rows(members, index_B, tokens_BP, mask_BP, keys_B, temperature, top_p, **static):
+    """:func:`_decode` of each row alone with its own adapter (``jax.vmap`` over rows; the base is shared)."""
+
+    def one(t, rank, scale, tok_P, mask_P, key):
+        params = _stacking.unstack_layers(_members.member_params(t, members.frozen, rank, scale))
+        return _decode(params, tok_P[None], mask_P[None], key, temperature, top_p, **static)[0]
+
+    rows = jax.tree.map(lambda f: f[index_B], members.trainable)
+    return jax.vmap(one)(rows, members.ranks[index_B], members.scales[index_B], tokens_BP, mask_BP, keys_B)
+
+
 def generate(
     params: PyTree,
     config: _llama.LlamaConfig,
     prompts: Sequence[Sequence[int]] | np.ndarray,
     *,
+    adapter_index: Sequence[int] | np.ndarray | None = None,
     max_new_tokens: int = 64,
     attention_mask: np.ndarray | None = None,
     stop_ids: int | Sequence[int] = (),
@@ -174,10 +192,15 @@ def generate(
     """Continue token prompts with a KV cache (greedy, or sampling with temperature and top-p).
 
     Args:
-      params: Llama parameters (LoRA nodes and quantized leaves allowed).
+      params: Llama parameters (LoRA nodes and quantized leaves allowed), or
+        :class:`lora_jax.members.Members`: several adapter sets on one base.
       config: the model's config.
       prompts: ragged lists of ids, or a ``(B, T)`` array with ``attention_mask``
         (1 real, 0 padding; either side).
+      adapter_index: with ``Members``, the member each row is answered with
+        (``(B,)`` ints): one batch, each row with its own adapter, the same tokens
+        as generating each row with its adapter alone. Sampling draws each row
+        with its own key (split from ``key``).
       max_new_tokens: tokens to generate per row at most.
       stop_ids: a row stops after emitting one of these (e.g. ``tokenizer.stop_ids``).
       temperature: 0 is greedy decoding; above 0 samples from ``softmax(logits / temperature)``.
@@ -214,27 +237,38 @@ def generate(
         )
     if key is None:
         key = jax.random.key(0)
-    out = np.asarray(
-        _decode(
-            _stacking.unstack_layers(params),  # the KV-cache path runs unrolled; slice stacked layers once
-            jnp.asarray(tokens),
-            jnp.asarray(mask),
-            key,
-            jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
-            jnp.asarray(top_p, jnp.float32),
-            config=config,
-            max_new_tokens=max_new_tokens,
-            mode=mode,
-            stop_ids=stops,
-            pad_id=int(pad_id),
-        )
-    )
+    static = dict(config=config, max_new_tokens=max_new_tokens, mode=mode, stop_ids=stops, pad_id=int(pad_id))
+    sampling = (jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32), jnp.asarray(top_p, jnp.float32))
+    if isinstance(params, _members.Members):
+        index = _adapter_rows(params, adapter_index, tokens.shape[0])
+        keys = jax.random.split(key, tokens.shape[0])
+        out = _decode_rows(params, index, jnp.asarray(tokens), jnp.asarray(mask), keys, *sampling, **static)
+    else:
+        if adapter_index is not None:
+            raise GenerateError("adapter_index needs several adapters: pass params as lora_jax.members.Members "
+                                "(members.stack([params_a, params_b]))")
+        # the KV-cache path runs unrolled; slice stacked layers once
+        out = _decode(_stacking.unstack_layers(params), jnp.asarray(tokens), jnp.asarray(mask), key, *sampling,
+                      **static)
+    out = np.asarray(out)
     lengths = np.full(out.shape[0], max_new_tokens, np.int32)
     if stops:
         hit = np.isin(out, stops)
         first = hit.argmax(axis=1)
         lengths = np.where(hit.any(axis=1), first + 1, max_new_tokens).astype(np.int32)
     return Generation(out, lengths)
+
+
+def _adapter_rows(members, adapter_index, batch: int) -> jax.Array:
+    if adapter_index is None:
+        raise GenerateError(f"generate with {members.size} adapters (Members) needs adapter_index: the adapter of "
+                            "each row, e.g. adapter_index=[0, 1]")
+    index = np.asarray(adapter_index)
+    if index.shape != (batch,) or not np.issubdtype(index.dtype, np.integer):
+        raise GenerateError(f"adapter_index must be {batch} ints (one per prompt), got {index.tolist()!r}")
+    if index.size and (index.min() < 0 or index.max() >= members.size):
+        raise GenerateError(f"adapter_index {index.tolist()} names an adapter outside 0..{members.size - 1}")
+    return jnp.asarray(index, jnp.int32)
 
 
 def generate_text(

@@ -16,7 +16,7 @@ from typing import Any
 
 from lora_jax.config.dicts import check_keys, config_hash, from_dict, relevant
 from lora_jax.config.fields import show
-from lora_jax.config.schema import LEAVES, SECTIONS, SWEEP_KEYS, ExperimentConfig, key_hint
+from lora_jax.config.schema import LEAVES, SECTIONS, SWEEP_KEYS, SWEEP_OPTIONS, ExperimentConfig, key_hint
 from lora_jax.errors import ConfigError
 
 _LABELS = {"seed": "s", "lora.rank": "r", "lora.alpha": "alpha", "lora.dropout": "drop", "optim.lr": "lr",
@@ -73,7 +73,9 @@ def _axes(raw: Mapping[str, Any]) -> tuple[dict[str, list[Any]], str]:
         raise ConfigError(f"sweep_mode: unknown value {mode!r}; choose one of grid, zip")
     if not isinstance(sweep, Mapping):
         raise ConfigError(f"sweep: expected a mapping of key paths to lists (lora.rank: [1, 4]), got {show(sweep)}")
-    errors = []
+    errors = [f"sweep.{k}: expected {SWEEP_OPTIONS[k].__name__}, got {show(v)}" for k, v in sweep.items()
+              if k in SWEEP_OPTIONS and not isinstance(v, SWEEP_OPTIONS[k])]
+    sweep = {k: v for k, v in sweep.items() if k not in SWEEP_OPTIONS}
     for axis, values in sweep.items():
         if axis not in LEAVES or axis == "name":
             where = "a section; list a key inside it, e.g. lora.rank" if axis in SECTIONS else "unknown key"
@@ -90,6 +92,18 @@ def _axes(raw: Mapping[str, Any]) -> tuple[dict[str, list[Any]], str]:
     if errors:
         raise ConfigError(errors)
     return dict(sweep), mode
+
+
+def sweep_options(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of a config dict's ``sweep:`` block (:data:`SWEEP_OPTIONS`), defaults filled in.
+
+    Examples:
+      >>> sweep_options({"sweep": {"lora.rank": [1, 4], "fused": True}})
+      {'fused': True}
+    """
+    sweep = raw.get("sweep")
+    sweep = sweep if isinstance(sweep, Mapping) else {}
+    return {k: sweep.get(k, t()) for k, t in SWEEP_OPTIONS.items()}
 
 
 def expand_sweep(raw: Mapping[str, Any]) -> list[tuple[str, ExperimentConfig]]:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from lora_jax.config.fields import show
 from lora_jax.config.safe_yaml import parse_yaml
-from lora_jax.config.schema import LEAVES, SECTIONS, key_hint
+from lora_jax.config.schema import LEAVES, SECTIONS, SWEEP_OPTIONS, key_hint
 from lora_jax.errors import ConfigError
 
 
@@ -97,7 +97,7 @@ def _override_sweep(out: dict[str, Any], key: str, text: str, where: str) -> Non
             out["sweep"] = value
     else:
         axis = key[len("sweep.") :]
-        if axis not in LEAVES:
+        if axis not in LEAVES and axis not in SWEEP_OPTIONS:
             raise ConfigError(f"{where}: unknown sweep axis {axis!r}{key_hint(axis, list(LEAVES))}")
         sweep = out.get("sweep") or {}
         if not isinstance(sweep, dict):

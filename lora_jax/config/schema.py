@@ -331,6 +331,10 @@ TOP_KEYS = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not i
 SWEEP_KEYS = ("sweep", "sweep_mode")
 """The keys of a sweep declaration (read by :func:`lora_jax.config.expand_sweep` only)."""
 
+SWEEP_OPTIONS: dict[str, type] = {"fused": bool}
+"""Keys of the ``sweep:`` block that say how the runs run instead of listing an axis: ``fused: true`` trains
+the runs that can share one compiled program as one group (:mod:`lora_jax.runner.fused`)."""
+
 LEAVES: dict[str, Any] = {k: type_hints(ExperimentConfig)[k] for k in TOP_KEYS}
 """Every key path that holds a value (``seed``, ``lora.rank``), with its annotation."""
 for _s, _cls in SECTIONS.items():

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from lora_jax.config import ExperimentConfig, LoraConfig, ModelConfig, OptimConfig, QuantConfig
 
 __all__ = [
-    "LoadedModel", "RunContext", "attention_used", "build_params", "chat_format", "check_against_model",
+    "LoadedModel", "RunContext", "attention_used", "build_base", "build_params", "chat_format", "check_against_model",
     "check_task_limits", "load_model", "lora_rules", "loss_fn", "make_lr_schedule", "make_optimizer", "param_shapes",
     "prepare", "quant_rules", "validate_runs",
 ]
@@ -274,15 +274,22 @@ class RunContext:
     info: dict = field(default_factory=dict)
 
 
-def build_params(cfg: ExperimentConfig, model: LoadedModel):
+def build_base(cfg: ExperimentConfig, model: LoadedModel):
+    """The run's frozen base before any adapter: the model's weights, quantized for QLoRA."""
+    if cfg.method == "qlora":
+        return _quant.quantize(model.params, quant_rules(cfg.quant, cfg.model.dtype))
+    return model.params
+
+
+def build_params(cfg: ExperimentConfig, model: LoadedModel, base: Any = None):
     """The run's parameter tree: the base, quantized for QLoRA, with LoRA nodes from the run's seed.
+
+    ``base``: :func:`build_base` of a run with the same model and quantization, to share it (fused groups).
 
     Raises:
       ConfigError: the config does not fit the model (see :func:`check_against_model`).
     """
-    params = model.params
-    if cfg.method == "qlora":
-        params = _quant.quantize(params, quant_rules(cfg.quant, cfg.model.dtype))
+    params = build_base(cfg, model) if base is None else base
     if cfg.method in ("lora", "qlora"):
         check_against_model(cfg, param_shapes(model))
         params = _lora.init(jax.random.fold_in(jax.random.key(cfg.seed), 1), params, lora_rules(cfg.lora))

@@ -25,7 +25,8 @@ from lora_jax.runner.build import RunContext, loss_fn, make_lr_schedule, make_op
 from lora_jax.runner.evaluate import evaluate
 
 
-def _read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
+def read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
+    """The JSON-object lines of a metrics file up to ``max_step`` (a torn last line is skipped)."""
     rows = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -116,7 +117,7 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
         start = int(state.step)
         ckpt.delete_steps_after(ckpt_dir, start)  # damaged steps the fallback skipped: their numbers come again
     metrics_path = run_dir / "metrics.jsonl"
-    kept = _read_jsonl(metrics_path, max_step=start)  # drop lines written after the checkpoint
+    kept = read_jsonl(metrics_path, max_step=start)  # drop lines written after the checkpoint
     atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     sched = make_lr_schedule(cfg.optim, steps)
     bar = _progress(steps, run_dir.name, quiet, initial=start)

@@ -41,6 +41,8 @@ import jax
 from lora_jax import config as _config
 from lora_jax import lora as _lora
 from lora_jax import tracking
+from lora_jax.config.expand import sweep_options
+from lora_jax.errors import ConfigError
 from lora_jax.io.files import atomic_write, locked
 from lora_jax.runner import build as _build
 from lora_jax.runner.evaluate import evaluate
@@ -55,8 +57,13 @@ RESULT_COLUMNS = [
 ]
 
 
-def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quiet: bool = False) -> dict:
-    """Run (or resume, or skip when finished) one configuration; return its summary."""
+def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quiet: bool = False,
+            trained: Any = None) -> dict:
+    """Run (or resume, or skip when finished) one configuration; return its summary.
+
+    ``trained``: a member of a fused group (:class:`lora_jax.runner.fused.MemberResult`), trained and
+    evaluated with its group; its files are written here as a run of its own would write them.
+    """
     run_dir = Path(run_dir)
     chash = _config.config_hash(cfg)
     summary_path = run_dir / "summary.json"
@@ -70,7 +77,7 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
     t0 = time.time()
     rss_is_per_run = reset_peak_rss()
     model = _build.load_model(cfg.model)
-    ctx = _build.prepare(cfg, model)
+    ctx = _build.prepare(cfg, model) if trained is None else trained.ctx
     from lora_jax import quant
 
     fp = quant.footprint(ctx.params)
@@ -78,9 +85,11 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
     status: dict[str, Any] = {"status": "finished", "reason": None, "step_time_s": None, "tokens_per_s": None,
                               "train_loss": None, "resumed_from_step": None}
     params = ctx.params
-    if cfg.method != "base":
+    if trained is not None:
+        params, status = trained.params, trained.status
+    elif cfg.method != "base":
         params, status = train_run(ctx, run_dir, quiet=quiet)
-    ev = evaluate(ctx, params) if status["status"] == "finished" else {}
+    ev = {} if status["status"] != "finished" else dict(trained.evaluation) if trained else evaluate(ctx, params)
     samples = ev.pop("samples", [])
     if cfg.method in ("lora", "qlora") and status["status"] == "finished":
         from lora_jax import adapters
@@ -106,6 +115,7 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
         "attention": _build.attention_used(cfg, model),
         "config_hash": chash, "data": ctx.info, "versions": versions(), "git_commit": git_commit(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].platform}",
+        **({} if trained is None else trained.extra),
     }
     atomic_write(summary_path, json.dumps(summary, indent=1, default=str) + "\n")
     tracking.log_run(run_name, cfg, run_dir, summary)
@@ -128,11 +138,17 @@ def run_recorded(name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, qui
     try:
         return run_one(name, cfg, run_dir, quiet=quiet)
     except Exception as e:  # one broken run must not end the sweep
-        s = {"run": name, "method": cfg.method, "seed": cfg.seed, "status": "failed",
-             "reason": f"{type(e).__name__}: {e}", "config_hash": _config.config_hash(cfg)}
-        atomic_write(Path(run_dir) / "summary.json", json.dumps(s, indent=1) + "\n")
-        print(f"  run {name} failed: {s['reason']}", file=sys.stderr, flush=True)
-        return s
+        return record_failed(name, cfg, run_dir, e)
+
+
+def record_failed(name: str, cfg: _config.ExperimentConfig, run_dir: Path, error: Exception) -> dict:
+    """Write (and return) the ``summary.json`` of a run that raised ``error``, and say so on stderr."""
+    s = {"run": name, "method": cfg.method, "seed": cfg.seed, "status": "failed",
+         "reason": f"{type(error).__name__}: {error}", "config_hash": _config.config_hash(cfg)}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(run_dir) / "summary.json", json.dumps(s, indent=1) + "\n")
+    print(f"  run {name} failed: {s['reason']}", file=sys.stderr, flush=True)
+    return s
 
 
 def write_results(sweep_dir: Path, summaries: list[dict]) -> Path:
@@ -157,13 +173,15 @@ def failed_runs(sweep_dir: Path) -> list[tuple[str, str]]:
 
 
 def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = False, plots: bool = True,
-              output_dir: str | None = None, ray: str | None = None) -> Path:
+              output_dir: str | None = None, ray: str | None = None, fused: bool = False) -> Path:
     """Run every run of a config's sweep (skipping finished ones); write results and figures.
 
     Every run is checked against its model and data first
     (:func:`lora_jax.runner.build.validate_runs`), and the sweep folder is held
     with a lock file while the sweep runs, so a second sweep on it stops with a
-    clear error instead of interleaving with this one.
+    clear error instead of interleaving with this one. With ``fused`` (or
+    ``sweep: {fused: true}`` in the config) the runs that can share one
+    compiled program train as one group (:mod:`lora_jax.runner.fused`).
 
     With ``ray`` (a cluster address, ``auto`` or ``local``) the runs are Ray
     tasks (:mod:`lora_jax.runner.ray`) that write the same files.
@@ -182,13 +200,17 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
     sweep_dir = Path(output_dir or first.output_dir) / first.name
     for _, cfg in runs:
         tracking.check_installed(cfg.tracking)
+    fused = fused or sweep_options(_config.load_raw(config_path, overrides))["fused"]
+    if ray is not None and fused:
+        raise ConfigError("a fused sweep (sweep.fused / --fused) cannot run on Ray yet: Ray runs one run per task; "
+                          "drop --ray to train the groups here, or drop fused to spread the runs over the cluster")
     with locked(sweep_dir, "lora-jax sweep"):
         if ray is not None:
             from lora_jax.runner import ray as _ray
 
             _ray.run_all(runs, sweep_dir, address=ray, quiet=quiet)
         else:
-            _run_all(runs, sweep_dir, quiet=quiet)
+            _run_all(runs, sweep_dir, quiet=quiet, fused=fused)
         if plots:
             from lora_jax import plots as _plots
 
@@ -196,14 +218,26 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
     return sweep_dir
 
 
-def _run_all(runs, sweep_dir: Path, *, quiet: bool) -> None:
+def _run_all(runs, sweep_dir: Path, *, quiet: bool, fused: bool = False) -> None:
     summaries = []
-    for k, (name, cfg) in enumerate(runs, 1):
+    if fused:
+        from lora_jax.runner import fused as _fused
+    units = _fused.group_runs(runs) if fused else [[run] for run in runs]
+    for unit in units:
         if not quiet:
-            print(f"[{k}/{len(runs)}] {name}", file=sys.stderr, flush=True)
-        s = run_recorded(name, cfg, sweep_dir / name, quiet=quiet)
-        summaries.append(s)
-        write_results(sweep_dir, summaries)
-        if not quiet and s.get("status") == "finished":
-            shown = {k2: s.get(k2) for k2 in ("val_loss", "rouge1", "rougeL", "step_time_s") if s.get(k2) is not None}
-            print("  " + ", ".join(f"{k2}={v:.4g}" for k2, v in shown.items()), file=sys.stderr, flush=True)
+            print(f"[{len(summaries) + 1}/{len(runs)}] {' + '.join(n for n, _ in unit)}", file=sys.stderr, flush=True)
+        if len(unit) == 1:
+            done = [run_recorded(unit[0][0], unit[0][1], sweep_dir / unit[0][0], quiet=quiet)]
+        else:
+            try:
+                done = _fused.run_group(unit, sweep_dir, quiet=quiet)
+            except Exception as e:  # one broken group must not end the sweep
+                done = [record_failed(name, cfg, sweep_dir / name, e) for name, cfg in unit]
+        for s in done:
+            summaries.append(s)
+            write_results(sweep_dir, summaries)
+            if not quiet and s.get("status") == "finished":
+                shown = {k2: s.get(k2) for k2 in ("val_loss", "rouge1", "rougeL", "step_time_s")
+                         if s.get(k2) is not None}
+                print(f"  {s['run']}: " + ", ".join(f"{k2}={v:.4g}" for k2, v in shown.items()), file=sys.stderr,
+                      flush=True)

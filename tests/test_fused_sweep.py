@@ -1,0 +1,201 @@
+"""Fused sweeps end to end on a tiny GGUF model: same files and numbers as runs alone, failures, resume, plan."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import pytest
+from tiny_models import write_tiny_chat_gguf, write_yaml_config
+
+from lora_jax import cli, config
+from lora_jax.errors import ConfigError
+from lora_jax.runner import fused
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "benchmarks"))  # the benchmark's smoke run
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    data = d / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"add {i} and {i + 1}", "completion": str(2 * i + 1)}) + "\n"
+                            for i in range(48)))
+    return write_tiny_chat_gguf(d / "tiny.gguf"), data
+
+
+def write_config(path: Path, tiny, **over) -> Path:
+    model, data = tiny
+    cfg = {
+        "name": "t", "seed": 0, "method": "lora", "model": {"name": str(model)},
+        "task": {"name": "jsonl", "path": str(data), "max_len": 48, "n_train": 32, "n_val": 4,
+                 "n_eval_generate": 2, "max_new_tokens": 4},
+        "lora": {"rank": 2, "alpha": 4},
+        "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01, "warmup_steps": 1},
+        "train": {"steps": 5, "batch_size": 4, "log_every": 1, "checkpoint_every": 2, "eval_batches": 1},
+    }
+    return write_yaml_config(path, cfg, over)
+
+
+def summary(out: Path, run: str) -> dict:
+    return json.loads((out / "t" / run / "summary.json").read_text())
+
+
+def sweep(cfg: Path, out: Path, *extra) -> int:
+    return cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out), *extra])
+
+
+def test_a_fused_sweep_writes_what_the_runs_alone_write(tmp_path, tiny):
+    grid = {"lora.rank": [1, 4, 4], "seed": [0, 0, 1]}  # ranks and seeds, three runs (zip keeps the test short)
+    seq = write_config(tmp_path / "s.yaml", tiny, sweep=grid, sweep_mode="zip")
+    fus = write_config(tmp_path / "f.yaml", tiny, sweep={**grid, "fused": True}, sweep_mode="zip")
+    assert sweep(seq, tmp_path / "seq") == 0
+    assert sweep(fus, tmp_path / "fus") == 0
+    names = [n for n, _ in config.load_sweep(seq)]
+    assert names == ["lora_r1_s0", "lora_r4_s0", "lora_r4_s1"]
+    for name in names:
+        a, b = summary(tmp_path / "seq", name), summary(tmp_path / "fus", name)
+        for k in ("train_loss", "val_loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), (name, k)
+        assert b["config_hash"] == a["config_hash"] and b["status"] == "finished"
+        assert b["fused_group"]["compilations"] == 1 and b["fused_group"]["members"] == names
+        assert b["rouge1"] == pytest.approx(a["rouge1"]) and b["samples"] == a["samples"]
+        files = lambda root, name=name: sorted(p.relative_to(root / "t" / name).as_posix()  # noqa: E731
+                                               for p in (root / "t" / name).rglob("*") if p.is_file())
+        assert files(tmp_path / "fus") == files(tmp_path / "seq")
+        lines = (tmp_path / "fus" / "t" / name / "metrics.jsonl").read_text().splitlines()
+        steps = [json.loads(x)["step"] for x in lines]
+        assert steps == [1, 2, 3, 4, 5]
+        adapter = json.loads((tmp_path / "fus" / "t" / name / "adapter" / "lora_jax_adapter.json").read_text())
+        ranks = {e["rank"] for e in adapter["adapters"].values()}
+        scales = {e["scale"] for e in adapter["adapters"].values()}
+        assert ranks == {b["rank"]} and scales == {4 / b["rank"]}  # its true rank, not the group's padded one
+    assert not (tmp_path / "fus" / "t" / fused.FOLDER).exists()  # the group's checkpoints go once all are written
+    # A second invocation skips the finished members.
+    mtime = (tmp_path / "fus" / "t" / names[0] / "summary.json").stat().st_mtime_ns
+    assert sweep(fus, tmp_path / "fus") == 0
+    assert (tmp_path / "fus" / "t" / names[0] / "summary.json").stat().st_mtime_ns == mtime
+
+
+def test_a_diverging_member_is_marked_failed_and_the_other_finishes_as_alone(tmp_path, tiny):
+    over = {"optim.grad_clip": None, "optim.name": "sgd", "optim.weight_decay": 0.0}
+    alone = write_config(tmp_path / "a.yaml", tiny, **over, **{"optim.lr": 1e-3})
+    group = write_config(tmp_path / "g.yaml", tiny, **over, sweep={"optim.lr": [1e30, 1e-3], "fused": True})
+    assert sweep(alone, tmp_path / "alone") == 0
+    assert sweep(group, tmp_path / "group") == 1  # a run failed
+    bad, good = (summary(tmp_path / "group", n) for n, _ in config.load_sweep(group))
+    assert bad["status"] == "failed" and "loss became" in bad["reason"]
+    assert not (tmp_path / "group" / "t" / bad["run"] / "adapter").exists()
+    ref = summary(tmp_path / "alone", "lora")
+    assert good["status"] == "finished"
+    for k in ("train_loss", "val_loss"):
+        assert good[k] == pytest.approx(ref[k], rel=1e-4), k
+
+
+def test_a_group_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path, tiny):
+    over = {"train.steps": 40, "train.checkpoint_every": 5, "task.n_eval_generate": 0}
+    cfg = write_config(tmp_path / "c.yaml", tiny, **over, sweep={"lora.rank": [1, 2], "fused": True})
+    assert sweep(cfg, tmp_path / "ref") == 0
+    out = tmp_path / "killed"
+    metrics = out / "t" / "lora_r2" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "lora_jax.cli", "sweep", str(cfg), "--quiet", "--output-dir",
+                             str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    killed = False
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert killed, "the group finished before it could be killed; make it longer"
+    assert list((out / "t" / fused.FOLDER).glob("*/ckpt"))
+    assert not (out / "t" / "lora_r1" / "summary.json").exists()
+    assert sweep(cfg, out) == 0
+    for name in ("lora_r1", "lora_r2"):
+        got, ref = summary(out, name), summary(tmp_path / "ref", name)
+        assert got["resumed_from_step"] and got["resumed_from_step"] >= 10
+        for k in ("train_loss", "val_loss"):
+            assert got[k] == pytest.approx(ref[k], rel=1e-6), (name, k)
+        steps = [json.loads(x)["step"] for x in (out / "t" / name / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 41)), "each step logged exactly once after the resume"
+
+
+def test_groups_are_the_runs_that_differ_only_in_per_member_keys(tmp_path, tiny):
+    cfg = write_config(tmp_path / "c.yaml", tiny,
+                       sweep={"method": ["base", "lora", "qlora"], "lora.rank": [1, 2], "optim.lr": [1e-3, 3e-3]})
+    units = fused.group_runs(config.load_sweep(cfg))
+    assert [[n for n, _ in u] for u in units] == [
+        ["base"],
+        ["lora_r1_lr0.001", "lora_r1_lr0.003", "lora_r2_lr0.001", "lora_r2_lr0.003"],
+        ["qlora_r1_lr0.001", "qlora_r1_lr0.003", "qlora_r2_lr0.001", "qlora_r2_lr0.003"],
+    ]
+    steps = write_config(tmp_path / "d.yaml", tiny, sweep={"train.steps": [2, 3]})
+    assert all(len(u) == 1 for u in fused.group_runs(config.load_sweep(steps)))
+
+
+def test_plan_shows_the_fused_groups(tmp_path, tiny, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny, sweep={"lora.rank": [1, 4], "seed": [0, 1], "fused": True})
+    assert cli.main(["plan", str(cfg), "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "fused groups: 1" in out and "4 runs, ranks 1/1/4/4 padded to 4" in out
+    rows = fused.plan_groups(config.load_sweep(cfg), compile_cost=True)
+    assert rows[0]["step_args_mb"] > 0 and rows[0]["padded_rank"] == 4
+
+
+def test_sweep_fused_must_be_a_bool_and_can_be_set_from_the_shell(tmp_path, tiny):
+    bad = write_config(tmp_path / "c.yaml", tiny, sweep={"lora.rank": [1, 2], "fused": "yes"})
+    with pytest.raises(ConfigError, match="sweep.fused: expected bool"):
+        config.load_sweep(bad)
+    good = write_config(tmp_path / "d.yaml", tiny, sweep={"lora.rank": [1, 2]})
+    raw = config.load_raw(good, ["sweep.fused=true"])
+    assert config.expand.sweep_options(raw) == {"fused": True}
+    assert len(config.load_sweep(good, ["sweep.fused=true"])) == 2
+
+
+def hand_adapter(model: Path, folder: Path, rank: int, seed: int) -> str:
+    """An adapter folder with large random B (it changes what the tiny model says)."""
+    from lora_jax import lora
+    from lora_jax.io import adapters
+    from lora_jax.models import registry
+
+    params, _, _ = registry.load_model(str(model), dequantize=True)
+    rule = lora.LoraRule(pattern=r"layers/\d+/(attn/(q|v)_proj|mlp/down_proj)/kernel", rank=rank, alpha=8)
+    adapted = jax.tree.map(
+        lambda x: dataclasses.replace(x, lora_b=2.0 * jax.random.normal(jax.random.key(seed), x.lora_b.shape))
+        if lora.is_lora(x) else x,
+        lora.init(jax.random.key(seed), params, [rule]), is_leaf=lora.is_lora)  # fmt: skip
+    return str(adapters.save_adapter(folder, adapted, rules=[rule]))
+
+
+def test_generate_side_by_side_answers_each_prompt_with_each_adapter(tmp_path, tiny, capsys):
+    model = str(tiny[0])
+    adapters = [hand_adapter(tiny[0], tmp_path / f"a{r}", r, seed) for r, seed in ((1, 8), (4, 9))]
+    args = ["generate", "--model", model, "--prompt", "add 3 and 4", "--prompt", "hi", "--max-new-tokens", "5"]
+    alone = []
+    for a in adapters:
+        assert cli.main([*args, "--adapter", a]) == 0
+        alone.append(capsys.readouterr().out.splitlines())
+    assert alone[0] != alone[1]  # the adapters answer differently: the comparison below can fail
+    assert cli.main([*args, "--adapter", adapters[0], "--adapter", adapters[1], "--side-by-side"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"== {adapters[0]}", *alone[0], f"== {adapters[1]}", *alone[1]]
+
+
+def test_benchmark_quick_run_reports_equal_members_and_one_compilation(tmp_path):
+    import fused_sweep
+
+    res = fused_sweep.main(["--quick", "--out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == res
+    assert res["all_finished"] and res["runs"] == ["lora_r1_s0", "lora_r2_s0"]
+    assert res["max_member_rel_diff"] <= 1e-4
+    assert res["compiles"] == {"sequential": 2, "fused": 1, "fused_groups": 1}
+    assert res["fused_over_sequential_wall"] == res["fused_wall_s"][0] / res["sequential_wall_s"][0]
