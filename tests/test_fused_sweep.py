@@ -199,3 +199,16 @@ def test_benchmark_quick_run_reports_equal_members_and_one_compilation(tmp_path)
     assert res["max_member_rel_diff"] <= 1e-4
     assert res["compiles"] == {"sequential": 2, "fused": 1, "fused_groups": 1}
     assert res["fused_over_sequential_wall"] == res["fused_wall_s"][0] / res["sequential_wall_s"][0]
+
+
+@pytest.mark.parametrize("extra, over, words", [
+    (["--ray", "local"], {}, "cannot run on Ray yet"),
+    ([], {"mesh": {"fsdp": -1}}, "does not run on a device mesh yet"),
+])
+def test_a_fused_sweep_where_it_cannot_run_yet_is_refused_before_anything_is_written(tmp_path, tiny, capsys, extra,
+                                                                                     over, words):
+    cfg = write_config(tmp_path / "f.yaml", tiny, sweep={"lora.rank": [1, 2], "fused": True}, **over)
+    assert sweep(cfg, tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -204,6 +204,9 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
     if ray is not None and fused:
         raise ConfigError("a fused sweep (sweep.fused / --fused) cannot run on Ray yet: Ray runs one run per task; "
                           "drop --ray to train the groups here, or drop fused to spread the runs over the cluster")
+    if fused and any(cfg.mesh.sizes() for _, cfg in runs):
+        raise ConfigError("a fused sweep (sweep.fused / --fused) does not run on a device mesh yet (no `member` mesh "
+                          "axis): drop the mesh: section to train the groups on one device, or drop fused")
     with locked(sweep_dir, "lora-jax sweep"):
         if ray is not None:
             from lora_jax.runner import ray as _ray
