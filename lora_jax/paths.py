@@ -22,8 +22,8 @@ from lora_jax.errors import RuleError
 PyTree = Any
 Filter = Callable[[str, Any], bool]
 
-#: The keys under which a LoRA node flattens its trainable factors (A, B).
-FACTOR_NAMES = ("lora_a", "lora_b")
+#: The keys under which an adapter node flattens its trainable children (A, B; DoRA adds its magnitude).
+FACTOR_NAMES = ("lora_a", "lora_b", "lora_magnitude")
 
 
 def is_factor_path(path: str) -> bool:
