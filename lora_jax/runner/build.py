@@ -24,9 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from lora_jax import data as _data
-from lora_jax import lora as _lora
 from lora_jax import paths as _paths
-from lora_jax import quant as _quant
 from lora_jax.errors import ConfigError, DataError
 from lora_jax.lora import LoraRule
 from lora_jax.quant import QuantRule
@@ -125,6 +123,9 @@ def check_against_model(config: ExperimentConfig, param_shapes: Mapping[str, Any
         return [p for p in hits if len(shapes[p]) >= 2]
 
     if config.method in ("lora", "qlora"):
+        from lora_jax.methods import select
+
+        select.check(config)
         hits = targets("lora.targets", config.lora.targets)
         limit = {p: min(shapes[p][0], math.prod(shapes[p][1:])) for p in hits}
         bad = [p for p in hits if config.lora.rank > limit[p]]
@@ -281,11 +282,13 @@ def build_params(cfg: ExperimentConfig, model: LoadedModel):
       ConfigError: the config does not fit the model (see :func:`check_against_model`).
     """
     params = model.params
-    if cfg.method == "qlora":
-        params = _quant.quantize(params, quant_rules(cfg.quant, cfg.model.dtype))
-    if cfg.method in ("lora", "qlora"):
+    if cfg.method in ("lora", "qlora"):  # lora.method decides the order of quantizing and adapting
+        from lora_jax.methods import select
+
         check_against_model(cfg, param_shapes(model))
-        params = _lora.init(jax.random.fold_in(jax.random.key(cfg.seed), 1), params, lora_rules(cfg.lora))
+        qrules = quant_rules(cfg.quant, cfg.model.dtype) if cfg.method == "qlora" else None
+        params = select.adapt(cfg.lora, jax.random.fold_in(jax.random.key(cfg.seed), 1), params, lora_rules(cfg.lora),
+                              qrules)
     if cfg.model.scan_layers:  # rules and quantization work on the unrolled paths; stack after
         from lora_jax.models import stacking
 
