@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_models import TOKENS, load_torch, rel, torch_logits
+from peft_layers import ALPHA, D_IN, D_OUT, R, node_from, our_grads, peft_linear, torch_grads
 
 from lora_jax import lora, paths, quant
 from lora_jax.errors import LoraError
@@ -17,69 +18,20 @@ from lora_jax.io import peft as io_peft
 from lora_jax.methods import dora
 from lora_jax.models import llama
 
-D_IN, D_OUT, R, ALPHA = 24, 20, 4, 6.0
-
-
-def _peft_dora_linear(w_torch, seed=0, dropout=0.0):
-    """A PEFT DoRA layer on a Linear with weight ``w_torch`` (out, in) and random A, B (init_lora_weights=False)."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    net = torch.nn.Sequential(torch.nn.Linear(D_IN, D_OUT, bias=False))
-    with torch.no_grad():
-        net[0].weight.copy_(w_torch)
-    torch.manual_seed(seed)
-    cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["0"], use_dora=True, init_lora_weights=False,
-                          lora_dropout=dropout)
-    model = peft.get_peft_model(net, cfg)
-    return model, model.base_model.model[0]
-
-
-def _ours_from(layer, base=None):
-    a = jnp.asarray(layer.lora_A["default"].weight.detach().numpy().T)
-    b = jnp.asarray(layer.lora_B["default"].weight.detach().numpy().T)
-    m = jnp.asarray(layer.lora_magnitude_vector["default"].weight.detach().numpy())
-    w0 = jnp.asarray(layer.base_layer.weight.detach().numpy().T) if base is None else base
-    return dora.DoraWeight(w0, a, b, ALPHA / R, lora_magnitude=m)
-
-
-def _torch_grads(model, layer, x, cot):
-    import torch
-
-    model.zero_grad()
-    out = model(torch.tensor(x))
-    (out * torch.tensor(cot)).sum().backward()
-    g = {
-        "lora_a": layer.lora_A["default"].weight.grad.numpy().T,
-        "lora_b": layer.lora_B["default"].weight.grad.numpy().T,
-        "lora_magnitude": layer.lora_magnitude_vector["default"].weight.grad.numpy(),
-    }
-    return out.detach().numpy(), g
-
-
-def _our_grads(node, x, cot):
-    def loss(t):
-        y = jnp.asarray(x) @ paths.combine(t, f)["w"]
-        return jnp.sum(y * jnp.asarray(cot)), y
-
-    t, f = paths.split({"w": node})
-    (_, y), g = jax.value_and_grad(loss, has_aux=True)(t)
-    return np.asarray(y), {k: np.asarray(getattr(g["w"], k)) for k in ("lora_a", "lora_b", "lora_magnitude")}
-
-
 @pytest.mark.parametrize("custom_vjp", [True, False])
 def test_forward_and_every_gradient_match_peft(custom_vjp):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     w = rng.normal(size=(D_OUT, D_IN)).astype(np.float32) * 0.3
-    model, layer = _peft_dora_linear(torch.tensor(w))
+    model, layer = peft_linear(w, use_dora=True, init_lora_weights=False)
     x = rng.normal(size=(5, D_IN)).astype(np.float32)
     cot = rng.normal(size=(5, D_OUT)).astype(np.float32)
     with torch.no_grad():  # a trained magnitude, not the init one, so its gradient is not special
         layer.lora_magnitude_vector["default"].weight.mul_(torch.tensor(1.0 + 0.1 * rng.normal(size=D_OUT),
                                                                         dtype=torch.float32))
-    ref_y, ref_g = _torch_grads(model, layer, x, cot)
-    node = lora.with_custom_vjp({"w": _ours_from(layer)}, custom_vjp)["w"]
-    y, g = _our_grads(node, x, cot)
+    ref_y, ref_g = torch_grads(model, layer, x, cot)
+    node = lora.with_custom_vjp({"w": node_from(layer)}, custom_vjp)["w"]
+    y, g = our_grads(node, x, cot)
     assert rel(y, ref_y) <= 1e-5
     assert rel(x @ w.T, ref_y) > 1e-3  # the adapter changed the output
     for k in ("lora_a", "lora_b", "lora_magnitude"):
@@ -106,8 +58,8 @@ def test_init_magnitude_is_peft_s_and_model_unchanged():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
     w = rng.normal(size=(D_OUT, D_IN)).astype(np.float32)
-    _, layer = _peft_dora_linear(torch.tensor(w))
-    ours = dora.to_dora({"w": lora.LoraWeight(jnp.asarray(w.T), *(_ours_from(layer).lora_a, _ours_from(layer).lora_b),
+    _, layer = peft_linear(w, use_dora=True, init_lora_weights=False)
+    ours = dora.to_dora({"w": lora.LoraWeight(jnp.asarray(w.T), *(node_from(layer).lora_a, node_from(layer).lora_b),
                                               ALPHA / R)})["w"]
     np.testing.assert_allclose(ours.lora_magnitude, layer.lora_magnitude_vector["default"].weight.detach().numpy(),
                                rtol=1e-6)
@@ -129,11 +81,11 @@ def test_qdora_matches_peft_on_the_dequantized_base():
     w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
     q = quant.quantize({"w": jnp.asarray(w)}, [quant.QuantRule(pattern="w", format="nf4", block_size=4)])["w"]
     wq = np.asarray(lora.dense(q))
-    model, layer = _peft_dora_linear(torch.tensor(wq.T))
+    model, layer = peft_linear(wq.T, use_dora=True, init_lora_weights=False)
     x = rng.normal(size=(5, D_IN)).astype(np.float32)
     cot = rng.normal(size=(5, D_OUT)).astype(np.float32)
-    ref_y, ref_g = _torch_grads(model, layer, x, cot)
-    y, g = _our_grads(_ours_from(layer, base=q), x, cot)
+    ref_y, ref_g = torch_grads(model, layer, x, cot)
+    y, g = our_grads(node_from(layer, base=q), x, cot)
     assert rel(y, ref_y) <= 1e-5
     for k in ref_g:
         assert rel(g[k], ref_g[k]) <= 1e-5, k

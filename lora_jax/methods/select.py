@@ -19,7 +19,7 @@ from lora_jax import quant as _quant
 from lora_jax.errors import ConfigError
 from lora_jax.methods.options import NEEDS_QUANT
 
-__all__ = ["adapt", "check"]
+__all__ = ["adapt", "check", "for_saving"]
 
 
 def check(config: Any) -> None:
@@ -74,3 +74,18 @@ def adapt(
         steps = 1 if lora_cfg.loftq_iter is None else lora_cfg.loftq_iter
         return loftq.init(key, params, rules, quant_rules, steps=steps)
     raise ConfigError(f"lora.method: unknown method {method!r}")  # the config's Literal stops this earlier
+
+
+def for_saving(lora_cfg: Any, initial: Any, trained: Any, rules: Sequence[_lora.LoraRule]) -> tuple[Any, Any]:
+    """``(params, rules)`` to write as a run's adapter folder: one that works on the untouched base where it can.
+
+    PiSSA and OLoRA adapters are converted to plain LoRA of rank ``2r``
+    (:func:`lora_jax.methods.pissa.to_plain_lora`; their rules' rank no longer
+    describes them, so none are recorded); the others are saved as trained (a
+    LoftQ adapter belongs to its LoftQ-quantized base).
+    """
+    if lora_cfg.method in ("pissa", "olora"):
+        from lora_jax.methods import pissa
+
+        return pissa.to_plain_lora(trained, initial), None
+    return trained, rules
