@@ -15,7 +15,7 @@ TRAINABLE = {"lora_A": "lora_a", "lora_B": "lora_b", "lora_magnitude_vector": "l
 
 
 def peft_linear(w_out_in: np.ndarray, seed: int = 0, **lora_kwargs):
-    """``(model, layer)``: PEFT on ``Linear(D_IN, D_OUT)`` with weight ``w_out_in``; ``lora_kwargs`` go to LoraConfig."""
+    """``(model, layer)``: PEFT on ``Linear(D_IN, D_OUT)`` of weight ``w_out_in``; ``lora_kwargs`` go to LoraConfig."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     net = torch.nn.Sequential(torch.nn.Linear(D_IN, D_OUT, bias=False))

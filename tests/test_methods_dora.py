@@ -18,6 +18,7 @@ from lora_jax.io import peft as io_peft
 from lora_jax.methods import dora
 from lora_jax.models import llama
 
+
 @pytest.mark.parametrize("custom_vjp", [True, False])
 def test_forward_and_every_gradient_match_peft(custom_vjp):
     torch = pytest.importorskip("torch")
@@ -55,7 +56,7 @@ def test_dropout_formula_is_peft_s():
 
 
 def test_init_magnitude_is_peft_s_and_model_unchanged():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     rng = np.random.default_rng(2)
     w = rng.normal(size=(D_OUT, D_IN)).astype(np.float32)
     _, layer = peft_linear(w, use_dora=True, init_lora_weights=False)
@@ -76,7 +77,7 @@ def test_trainable_split_holds_the_magnitude():
 
 
 def test_qdora_matches_peft_on_the_dequantized_base():
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     rng = np.random.default_rng(3)
     w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
     q = quant.quantize({"w": jnp.asarray(w)}, [quant.QuantRule(pattern="w", format="nf4", block_size=4)])["w"]

@@ -91,7 +91,7 @@ def loftq_errors(mats: dict[str, np.ndarray], rank: int, steps: tuple[int, ...])
     out: dict = {"n_matrices": len(mats), "format": "nf4", "block_size": 64, "rank": rank}
     ratios: dict[int, list[float]] = {t: [] for t in steps}
     t0 = time.perf_counter()
-    for i, (path, w) in enumerate(mats.items()):
+    for i, (_path, w) in enumerate(mats.items()):
         for t in steps:
             rep = loftq.init_matrix(jax.random.fold_in(jax.random.key(0), i), w, rank=rank, scale=1.0, steps=t,
                                     format="nf4", block_size=64)
