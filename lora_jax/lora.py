@@ -21,6 +21,7 @@ differentiation (``jax.jvp``, ``jax.jacfwd``).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -586,6 +587,12 @@ def count(params: PyTree) -> ParamCount:
         else:
             frozen += _size(x)
     return ParamCount(trainable, frozen, trainable + frozen, adapted)
+
+
+def __getattr__(name: str):  # lora.audit: its home, lora_jax.methods.audit, imports this module
+    if name == "audit":
+        return importlib.import_module("lora_jax.methods.audit").audit
+    raise AttributeError(f"module 'lora_jax.lora' has no attribute {name!r}")
 
 
 _register_array_misuse_hook()
