@@ -91,11 +91,11 @@ def loftq_errors(mats: dict[str, np.ndarray], rank: int, steps: tuple[int, ...])
     out: dict = {"n_matrices": len(mats), "format": "nf4", "block_size": 64, "rank": rank}
     ratios: dict[int, list[float]] = {t: [] for t in steps}
     t0 = time.perf_counter()
-    for i, (_path, w) in enumerate(mats.items()):
+    for i, w in enumerate(mats.values()):  # one run of max(steps) steps gives the error after each step
+        rep = loftq.init_matrix(jax.random.fold_in(jax.random.key(0), i), w, rank=rank, scale=1.0, steps=max(steps),
+                                format="nf4", block_size=64)
         for t in steps:
-            rep = loftq.init_matrix(jax.random.fold_in(jax.random.key(0), i), w, rank=rank, scale=1.0, steps=t,
-                                    format="nf4", block_size=64)
-            ratios[t].append(rep.error / rep.qlora_error)
+            ratios[t].append(rep.step_errors[t - 1] / rep.qlora_error)
     out["seconds"] = time.perf_counter() - t0
     for t in steps:
         r = np.asarray(ratios[t])
