@@ -38,6 +38,7 @@ from lora_jax.io.files import (
     version,
 )
 from lora_jax.methods import dora as _dora
+from lora_jax.methods import select as _select
 from lora_jax.models import stacking as _stacking
 
 PyTree = Any
@@ -111,6 +112,7 @@ def save_adapter(
     assigned = _paths.assign_rules(params, list(rules), is_leaf=_lora.is_node, what="LoRA rule") if rules else {}
     tensors: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
+    _select.check_exportable(params, "a lora-jax adapter folder", holds=("dora",))  # VeRA: to_plain_lora first
     for path, n in nodes:
         a, b = np.asarray(n.lora_a), np.asarray(n.lora_b)
         rule = assigned.get(path)

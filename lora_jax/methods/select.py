@@ -19,7 +19,7 @@ from lora_jax import quant as _quant
 from lora_jax.errors import ConfigError
 from lora_jax.methods.options import NEEDS_QUANT
 
-__all__ = ["adapt", "check", "for_saving"]
+__all__ = ["adapt", "check", "check_exportable", "for_saving"]
 
 
 def check(config: Any) -> None:
@@ -88,4 +88,27 @@ def for_saving(lora_cfg: Any, initial: Any, trained: Any, rules: Sequence[_lora.
         from lora_jax.methods import pissa
 
         return pissa.to_plain_lora(trained, initial), None
+    if lora_cfg.method == "vera":  # the same update as a plain LoRA (A * lambda_d, B * lambda_b, scale 1)
+        from lora_jax.methods import vera
+
+        return vera.to_plain_lora(trained), None
     return trained, rules
+
+
+def check_exportable(params: Any, fmt: str, *, holds: Sequence[str] = ()) -> None:
+    """Raise :class:`LoraError` when ``params`` hold a node of a method the format ``fmt`` cannot hold.
+
+    Args:
+      params: adapted params.
+      fmt: the format's name, for the message (``"GGUF"``).
+      holds: the methods besides plain LoRA the format holds (``("dora",)`` for PEFT).
+    """
+    from lora_jax.errors import LoraError
+
+    for path, node in _lora.nodes(params):
+        kind = "dora" if hasattr(node, "lora_magnitude") else "vera" if hasattr(node, "vera_lambda_d") else "lora"
+        if kind != "lora" and kind not in holds:
+            fix = ("merge it into the base (lora_jax.lora.merge) and export the merged model" if kind == "dora" else
+                   "convert it to plain LoRA first (lora_jax.methods.vera.to_plain_lora)")
+            raise LoraError(f"{fmt} cannot hold the {kind.upper()} adapter at {path!r} (its LoRA adapters are A and "
+                            f"B only; a server applying it would drop the {kind.upper()} part silently); {fix}")
