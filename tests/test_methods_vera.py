@@ -37,8 +37,8 @@ def test_forward_and_gradients_match_peft():
     out = model(torch.tensor(x))
     (out * torch.tensor(cot)).sum().backward()
     node = lora.LoraWeight(jnp.asarray(layer.base_layer.weight.detach().numpy().T), None, None)
-    node = vera.from_shared(node, layer.vera_A["default"].numpy(), layer.vera_B["default"].numpy(),
-                            layer.vera_lambda_d["default"].detach().numpy(), layer.vera_lambda_b["default"].detach().numpy())
+    lam_d, lam_b = (getattr(layer, k)["default"].detach().numpy() for k in ("vera_lambda_d", "vera_lambda_b"))
+    node = vera.from_shared(node, layer.vera_A["default"].numpy(), layer.vera_B["default"].numpy(), lam_d, lam_b)
     t, f = paths.split({"w": node})
 
     def loss(t):

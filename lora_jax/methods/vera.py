@@ -123,7 +123,7 @@ def is_vera(x: Any) -> bool:
 
 
 def shared_projections(key: jax.Array, rank: int, max_in: int, max_out: int) -> tuple[jax.Array, jax.Array]:
-    """Shared ``vera_A (rank, max_in)``, ``vera_B (max_out, rank)`` (torch layout), kaiming-uniform as PEFT draws them."""
+    """Shared ``vera_A (rank, max_in)``, ``vera_B (max_out, rank)`` (torch layout), kaiming-uniform as in PEFT."""
     ka, kb = jax.random.split(key)
     bound_a, bound_b = math.sqrt(6.0 / max_in), math.sqrt(6.0 / rank)
     return (jax.random.uniform(ka, (rank, max_in), jnp.float32, -bound_a, bound_a),
