@@ -581,7 +581,7 @@ def count(params: PyTree) -> ParamCount:
     trainable = frozen = adapted = 0
     for _, x in _paths.leaves_with_paths(params, is_leaf=is_node):
         if is_lora(x):
-            trainable += _size(x.lora_a) + _size(x.lora_b) + _size(getattr(x, "lora_magnitude", None))  # DoRA's m
+            trainable += sum(_size(c) for k, c in x.tree_flatten_with_keys()[0] if k.name in FACTOR_NAMES)  # A, B, ...
             frozen += _size(x.base)
             adapted += _size(x.base)
         else:

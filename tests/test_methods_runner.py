@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -77,3 +78,46 @@ def test_loftq_needs_a_quantized_base(tiny_gguf):
     with pytest.raises(ConfigError, match="loftq initialises the adapter from the quantization error, so it needs "
                                           "method: qlora"):
         select.check(ExperimentConfig(method="lora", lora=LoraConfig(method="loftq")))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "olora", "vera", "loftq"])
+def test_every_method_builds_through_select(method):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lora_jax import lora, paths, quant
+    from lora_jax.methods import select
+
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32))
+    rules = [lora.LoraRule(pattern="w", rank=4)]
+    qrules = [quant.QuantRule(pattern="w", block_size=32)] if method == "loftq" else None
+    opts = {"loftq_iter": 2} if method == "loftq" else {}
+    p = select.adapt(LoraConfig(method=method, **opts), jax.random.key(0), {"w": w}, rules, qrules)
+    merged = lora.merge(p)["w"]
+    if method == "loftq":
+        plain = lora.dense(quant.quantize({"w": w}, qrules)["w"])
+        assert float(jnp.linalg.norm(merged - w)) < float(jnp.linalg.norm(plain - w))
+    else:
+        np.testing.assert_allclose(merged, w, atol=1e-4)  # every init starts at the base model
+    trained = paths.combine(jax.tree.map(lambda x: x + 0.1, paths.split(p)[0]), paths.split(p)[1])
+    saved, saved_rules = select.for_saving(LoraConfig(method=method, **opts), p, trained, rules)
+    node = saved["w"]
+    assert type(node) is (type(p["w"]) if method in ("lora", "dora", "loftq") else lora.LoraWeight)
+    assert node.rank == (8 if method in ("pissa", "olora") else 4)
+    assert (saved_rules is None) == (method in ("pissa", "olora", "vera"))
+    if method in ("pissa", "olora"):  # the conversion computes the trained model on the untouched base
+        on_base = lora.merge({"w": dataclasses.replace(node, base=w)})["w"]
+        np.testing.assert_allclose(on_base, lora.merge(trained)["w"], atol=1e-4)
+
+
+def test_qolora_and_loftq_sweep(tmp_path, tiny_gguf):
+    cfg = write_config(tmp_path / "c.yaml", tiny_gguf, method="qlora", sweep={"lora.method": ["olora", "loftq"]},
+                       **{"train.steps": 2, "train.checkpoint_every": 0, "quant.block_size": 32})
+    out = tmp_path / "runs"
+    assert cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out)]) == 0
+    with open(out / "t" / "results.csv", newline="") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows.values()), rows
+    olora = next(n for n in rows if "olora" in n)
+    entries = json.loads((out / "t" / olora / "adapter" / "lora_jax_adapter.json").read_text())["adapters"]
+    assert {e["rank"] for e in entries.values()} == {4}  # rank 2 trained, saved as plain LoRA of rank 2r

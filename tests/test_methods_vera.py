@@ -107,3 +107,21 @@ def test_formats_that_cannot_hold_a_method_refuse_it(tmp_path):
     v = vera.init(jax.random.key(0), base, [lora.LoraRule(pattern="w", rank=2)])
     with pytest.raises(LoraError, match=r"cannot hold the VERA adapter at 'w'.*to_plain_lora"):
         adapters.save_adapter(tmp_path / "a", v)
+
+
+def test_counts_and_lora_plus_see_every_trainable_vector():
+    import optax
+
+    from lora_jax import optim
+    from lora_jax.methods import dora
+
+    base = {"w": jnp.ones((8, 6))}
+    v = vera.init(jax.random.key(0), base, [lora.LoraRule(pattern="w", rank=2)])
+    assert lora.count(v).trainable == 2 + 6  # lambda_d, lambda_b; not the frozen projections
+    d = dora.init(jax.random.key(0), base, [lora.LoraRule(pattern="w", rank=2)])
+    assert lora.count(d).trainable == 8 * 2 + 2 * 6 + 6
+    tx = optim.lora_plus(optax.sgd, 1.0, ratio=4.0)
+    t, _ = paths.split(d)
+    grads = jax.tree.map(jnp.ones_like, t)
+    updates, _ = tx.update(grads, tx.init(t), t)
+    assert float(updates["w"].lora_magnitude[0]) == -4.0 and float(updates["w"].lora_a[0, 0]) == -1.0  # m at B's rate
