@@ -3,6 +3,8 @@
 - :mod:`lora_jax.methods.dora`: DoRA (and QDoRA on a quantized base), :class:`~lora_jax.methods.dora.DoraWeight`.
 - :mod:`lora_jax.methods.pissa`: PiSSA and OLoRA initialisations (QPiSSA on a quantized base), and their
   conversion to plain LoRA on the untouched base.
+- :mod:`lora_jax.methods.eva`: EVA, A from the principal components of each layer's inputs, ranks redistributed.
+- :mod:`lora_jax.methods.vera`: VeRA, :class:`~lora_jax.methods.vera.VeraWeight` (shared frozen A/B, trained vectors).
 - :mod:`lora_jax.methods.loftq`: LoftQ for the library's quantizers, with the per-matrix error report.
 - :mod:`lora_jax.methods.audit`: the adapter audit (also ``lora_jax.lora.audit``).
 - :mod:`lora_jax.methods.select`: ``lora.method`` of a config -> the init function of that method.
@@ -12,7 +14,7 @@ Submodules load on first use, as the package does.
 
 import importlib
 
-_SUBMODULES = ("audit", "dora", "loftq", "pissa", "select")
+_SUBMODULES = ("audit", "dora", "eva", "loftq", "options", "pissa", "select", "vera")
 
 __all__ = list(_SUBMODULES)
 
