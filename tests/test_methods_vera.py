@@ -125,3 +125,21 @@ def test_counts_and_lora_plus_see_every_trainable_vector():
     grads = jax.tree.map(jnp.ones_like, t)
     updates, _ = tx.update(grads, tx.init(t), t)
     assert float(updates["w"].lora_magnitude[0]) == -4.0 and float(updates["w"].lora_a[0, 0]) == -1.0  # m at B's rate
+
+
+def test_dora_and_vera_under_scan_equal_unrolled():
+    from lora_jax.methods import dora
+    from lora_jax.models import stacking
+
+    cfg = llama.LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32)
+    params = llama.init(jax.random.key(0), cfg)
+    rules = [lora.LoraRule(pattern=r"layers/\d+/(attn/q_proj|mlp/down_proj)/kernel", rank=2, dropout=0.1)]
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+    for init in (dora.init, vera.init):
+        p = init(jax.random.key(0), params, rules)
+        t, f = paths.split(p)
+        p = paths.combine(jax.tree.map(lambda v: v + 0.1, t), f)  # away from the base model
+        stacked = lora.with_dropout_keys(stacking.stack_layers(p), jax.random.key(2))  # dropout keys: replace works
+        np.testing.assert_allclose(llama.apply(stacking.stack_layers(p), tokens, cfg), llama.apply(p, tokens, cfg),
+                                   rtol=1e-5, atol=1e-5)
+        assert type(stacked["layers"]["attn"]["q_proj"]["kernel"]) is type(p["layers"][0]["attn"]["q_proj"]["kernel"])

@@ -63,12 +63,12 @@ class VeraWeight(_lora.LoraWeight):
     vera_lambda_b: Any = None
 
     def __post_init__(self):
-        d_in, d_out = self.shape[0], self.shape[-1]
+        d_in, d_out = self.shape[-2], self.shape[-1]  # trailing axes: stacked layers lead
         r = np.shape(self.lora_a)[-1]
         want = {"A": (d_in, r), "B": (r, d_out), "lambda_d": (r,), "lambda_b": (d_out,)}
         got = {"A": np.shape(self.lora_a), "B": np.shape(self.lora_b), "lambda_d": np.shape(self.vera_lambda_d),
                "lambda_b": np.shape(self.vera_lambda_b)}
-        if len(self.shape) != 2 or any(tuple(got[k]) != want[k] for k in want):
+        if any(tuple(got[k])[len(got[k]) - len(want[k]):] != want[k] for k in want):
             raise LoraError(
                 f"VeRA: shapes do not fit a base of shape {self.shape}: got "
                 + ", ".join(f"{k} {tuple(v)}" for k, v in got.items())
