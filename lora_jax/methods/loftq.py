@@ -30,6 +30,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -75,18 +76,28 @@ def init_matrix(key: jax.Array, w: jax.Array, *, rank: int, scale: float, steps:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise LoraError(f"LoftQ: steps (loftq_iter) must be an int >= 1, got {steps!r}")
     w = jnp.asarray(w, jnp.float32)
-    quantize = (lambda x: requantize(x, like)) if like is not None else (
-        lambda x: _quant.quantize_weight(x, format, block_size=block_size, double_quant=double_quant))
+    settings = (format, block_size, double_quant, None, 0) if like is None else (
+        like.format, like.block_size, like.double_quant, np.dtype(like.compute_dtype), 1 if like.transposed else 0)
     norm = float(jnp.linalg.norm(w))
     res, errors = w, []
     for i in range(steps):
-        q = quantize(res)
-        a, b, err = factors(key, w - _lora.dense(q).astype(jnp.float32), rank, scale, "pissa")
+        q, a, b, err, q_err = _step(w, res, rank, float(scale), settings)
         if i == 0:
-            qlora_error = float(jnp.linalg.norm(w - _lora.dense(q).astype(jnp.float32))) / norm
-        errors.append(float(jnp.linalg.norm(err)) / norm)
+            qlora_error = float(q_err) / norm
+        errors.append(float(err) / norm)
         res = w - scale * (a @ b)
     return LoftqMatrix(q, a, b, errors[-1], qlora_error, tuple(errors))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _step(w, res, rank: int, scale: float, settings: tuple):
+    """One LoftQ step, compiled once per shape: ``Q = quantize(res)``, ``A, B`` from ``W - Q``, and both errors."""
+    fmt, block_size, double_quant, dtype, block_axis = settings
+    q = _quant.quantize_weight(res, fmt, block_size=block_size, double_quant=double_quant, dtype=dtype,
+                               block_axis=block_axis)
+    dq = _lora.dense(q).astype(jnp.float32)
+    a, b, err = factors(None, w - dq, rank, scale, "pissa")
+    return q, a, b, jnp.linalg.norm(err), jnp.linalg.norm(w - dq)
 
 
 def init_with_report(
