@@ -3,7 +3,7 @@
     lora-jax sweep CONFIG [--set key=value ...] [--quiet]   run (or resume) every run of a sweep
                      [--ray ADDRESS]                          ... as tasks on a Ray cluster
     lora-jax train CONFIG [--set ...]                        one run (the config without its sweep)
-    lora-jax plan CONFIG [--set ...]                         counts, bytes and XLA cost per run, no training
+    lora-jax plan CONFIG [--set ...] [--audit]               counts, bytes and XLA cost per run, no training
     lora-jax eval CONFIG [--adapter DIR]                     evaluate the base (or an adapter) on the task
     lora-jax generate --model NAME --prompt TEXT [--adapter DIR[:W]] ...
     lora-jax plot RUNS_DIR                                   figures from stored results only
@@ -148,6 +148,13 @@ def cmd_plan(a) -> int:
 
     rows = plan.plan(a.config, a.overrides, compile_cost=not a.no_compile)
     print(plan.format_table(rows))
+    if getattr(a, "audit", False):  # lora_jax.methods.audit: do the adapters train, does a swap recompile
+        from lora_jax.methods import audit
+
+        reports = audit.audit_config(a.config, a.overrides)
+        print("\n".join(f"{name}: {r}" for name, r in reports))
+        if not all(r.ok for _, r in reports):
+            return 1
     from lora_jax.runner import fused
 
     fused.print_plan(a.config, a.overrides, compile_cost=not a.no_compile, force=a.fused)
@@ -242,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--no-compile", action="store_true", help="skip XLA's compiled cost and memory analysis")
     p.add_argument("--fused", action="store_true", help="also show the fused groups (as sweep.fused: true does)")
+    p.add_argument("--audit", action="store_true", help="check on one batch that every adapter trains (A, B, ...) "
+                   "and that swapping adapters does not recompile; exit 1 on a problem")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("eval", help="evaluate the base model, or base + adapter, on the config's task")

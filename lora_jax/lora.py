@@ -21,6 +21,7 @@ differentiation (``jax.jvp``, ``jax.jacfwd``).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -580,12 +581,18 @@ def count(params: PyTree) -> ParamCount:
     trainable = frozen = adapted = 0
     for _, x in _paths.leaves_with_paths(params, is_leaf=is_node):
         if is_lora(x):
-            trainable += _size(x.lora_a) + _size(x.lora_b)
+            trainable += sum(_size(c) for k, c in x.tree_flatten_with_keys()[0] if k.name in FACTOR_NAMES)  # A, B, ...
             frozen += _size(x.base)
             adapted += _size(x.base)
         else:
             frozen += _size(x)
     return ParamCount(trainable, frozen, trainable + frozen, adapted)
+
+
+def __getattr__(name: str):  # lora.audit: its home, lora_jax.methods.audit, imports this module
+    if name == "audit":
+        return importlib.import_module("lora_jax.methods.audit").audit
+    raise AttributeError(f"module 'lora_jax.lora' has no attribute {name!r}")
 
 
 _register_array_misuse_hook()

@@ -61,7 +61,7 @@ def masked(
 
 def _label(path: str, leaf: Any) -> str:
     tail = path.rsplit("/", 1)[-1]
-    return {"lora_a": "a", "lora_b": "b"}.get(tail, "frozen")
+    return {"lora_a": "a", "lora_b": "b"}.get(tail, "b" if tail in _paths.FACTOR_NAMES else "frozen")  # PEFT: 1-D -> B
 
 
 def lora_plus(

@@ -22,8 +22,8 @@ from lora_jax.errors import RuleError
 PyTree = Any
 Filter = Callable[[str, Any], bool]
 
-#: The keys under which a LoRA node flattens its trainable factors (A, B).
-FACTOR_NAMES = ("lora_a", "lora_b")
+#: The keys under which an adapter node flattens its trainable children (A, B; DoRA: m; VeRA: its two vectors).
+FACTOR_NAMES = ("lora_a", "lora_b", "lora_magnitude", "vera_lambda_d", "vera_lambda_b")
 
 
 def is_factor_path(path: str) -> bool:

@@ -225,7 +225,7 @@ def test_import_random_nonsquare_peft_factors_matches_peft_in_torch(tmp_path):
     ("config", "tensors", "match"),
     [
         ({"peft_type": "IA3"}, None, "peft_type='IA3'; only LORA adapters are read"),
-        ({"use_dora": True}, None, r"use_dora=True is not supported \(a LoRA node holds A and B only\)"),
+        ({"use_dora": True}, None, r"use_dora=true, so each module needs a lora_magnitude_vector"),
         ({"bias": "all"}, None, "bias='all' is not supported"),
         ({"modules_to_save": ["lm_head"]}, None, r"modules_to_save=\['lm_head'\] is not supported"),
         ({"rank_pattern": {"q_proj": 3}}, None,

@@ -115,6 +115,11 @@ class LoraConfig(Section):
       rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
       init: ``kaiming`` (PEFT's default) or ``gaussian``.
       targets: regex, matched with ``re.fullmatch`` on ``/``-joined parameter paths.
+      method: the adapter method (:mod:`lora_jax.methods`): ``lora``, ``dora``, ``pissa``, ``olora``, ``loftq``
+        (needs method ``qlora``), ``vera``. Its options below; an option of another method is an error.
+      pissa_niter: ``pissa``: subspace iterations of the fast randomized SVD; unset: the full SVD.
+      loftq_iter: ``loftq``: alternating steps T (default 1).
+      vera_d_initial: ``vera``: initial value of the vector ``d`` (default 0.1, PEFT's).
     """
 
     section: ClassVar[str] = "lora"
@@ -124,6 +129,16 @@ class LoraConfig(Section):
     rslora: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
     targets: str = checked_field(DEFAULT_TARGETS, check=valid_regex)
+    # adapter methods (lora_jax.methods; checked by lora_jax.methods.options)
+    method: Literal["lora", "dora", "pissa", "olora", "loftq", "vera"] = "lora"
+    pissa_niter: int | None = checked_field(None, check=at_least(0))
+    loftq_iter: int | None = checked_field(None, check=at_least(1))
+    vera_d_initial: float | None = checked_field(None, check=positive)
+
+    def _cross_checks(self) -> list[str]:
+        from lora_jax.methods.options import option_errors
+
+        return option_errors(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -37,6 +37,8 @@ from lora_jax.io.files import (
     sha256,
     version,
 )
+from lora_jax.methods import dora as _dora
+from lora_jax.methods import select as _select
 from lora_jax.models import stacking as _stacking
 
 PyTree = Any
@@ -110,6 +112,7 @@ def save_adapter(
     assigned = _paths.assign_rules(params, list(rules), is_leaf=_lora.is_node, what="LoRA rule") if rules else {}
     tensors: dict[str, np.ndarray] = {}
     entries: dict[str, dict] = {}
+    _select.check_exportable(params, "a lora-jax adapter folder", holds=("dora",))  # VeRA: to_plain_lora first
     for path, n in nodes:
         a, b = np.asarray(n.lora_a), np.asarray(n.lora_b)
         rule = assigned.get(path)
@@ -130,6 +133,8 @@ def save_adapter(
             "dtype": a.dtype.name,
         }
         tensors[f"{path}/lora_a"], tensors[f"{path}/lora_b"] = a, b
+        if getattr(n, "lora_magnitude", None) is not None:  # DoRA (lora_jax.methods.dora)
+            tensors[f"{path}/lora_magnitude"], entries[path]["method"] = np.asarray(n.lora_magnitude), "dora"
     data = safetensors_bytes(tensors)
     config = {
         "format": ADAPTER_FORMAT,
@@ -267,6 +272,10 @@ def load_adapter(directory: PathLike, base_params: PyTree, *, check_base: bool =
         new[path] = _lora.LoraWeight(
             base, jnp.asarray(a), jnp.asarray(b), float(e["scale"]), int(e["in_ndim"]), float(e.get("dropout", 0.0))
         )
+        if e.get("method") == "dora":
+            described.add(f"{path}/lora_magnitude")
+            m = tensors.get(f"{path}/lora_magnitude")
+            new[path] = _dora.from_peft(new[path], m, True, f"{file}: {path!r} (method dora)")
     unknown = sorted(set(tensors) - described)
     if unknown:
         raise CheckpointError(f"{file}: tensors not described in {ADAPTER_CONFIG}: {', '.join(unknown[:6])}")

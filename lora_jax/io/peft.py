@@ -23,6 +23,7 @@ from lora_jax import paths as _paths
 from lora_jax.errors import CheckpointError
 from lora_jax.io.factors import base_leaves, check_factors, no_such_path, strip_adapters
 from lora_jax.io.files import CORRUPTED, atomic_write, json_bytes, read_json, read_safetensors, safetensors_bytes
+from lora_jax.methods import dora as _dora
 from lora_jax.models import load_hf as _load_hf
 from lora_jax.models import stacking as _stacking
 
@@ -184,6 +185,7 @@ def export_peft(
         if n.in_ndim != 1 or len(n.lora_a.shape) != 2:
             raise CheckpointError(f"export_peft: {path!r} has in_ndim={n.in_ndim}; PEFT Linear layers need in_ndim=1")
         modules[name] = n
+    use_dora = _dora.check_peft_export(modules)
     if rslora is None:
         fractional = all(not isinstance(_number(n.scale * n.rank), int) for n in modules.values())
         whole = all(isinstance(_number(n.scale * math.sqrt(n.rank)), int) for n in modules.values())
@@ -202,6 +204,8 @@ def export_peft(
     for m, n in modules.items():
         tensors[f"base_model.model.{m}.lora_A.weight"] = np.asarray(n.lora_a).T
         tensors[f"base_model.model.{m}.lora_B.weight"] = np.asarray(n.lora_b).T
+        if use_dora:
+            tensors[f"base_model.model.{m}.lora_magnitude_vector"] = np.asarray(n.lora_magnitude)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if model_kind == "llama" else "FEATURE_EXTRACTION",
@@ -217,7 +221,7 @@ def export_peft(
         "use_rslora": bool(rslora),
         "fan_in_fan_out": False,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -349,7 +353,6 @@ def _check_numbers(cfg_file: Path, config: dict) -> None:
 _PEFT_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight")
 # Settings whose non-default value means weights PEFT trains that a LoRA node cannot hold.
 _UNSUPPORTED = {
-    "use_dora": (False, None),
     "bias": ("none", None),
     "lora_bias": (False, None),
     "fan_in_fan_out": (False, None),
@@ -423,7 +426,7 @@ def import_peft(directory: PathLike, base_params: PyTree, model_kind: str | None
     tensors = read_safetensors(file)
     factors: dict[str, dict[str, np.ndarray]] = {}
     for name, x in tensors.items():
-        m = _PEFT_KEY.fullmatch(name)
+        m = _PEFT_KEY.fullmatch(name) or _dora.PEFT_MAGNITUDE_KEY.fullmatch(name)
         if not m:
             raise CheckpointError(f"{file}: tensor {name!r} is not a LoRA factor (lora_A/lora_B); not supported")
         factors.setdefault(m.group("module"), {})[m.group("ab")] = x
@@ -437,7 +440,7 @@ def import_peft(directory: PathLike, base_params: PyTree, model_kind: str | None
         path = kernel_path(module, model_kind)
         if path is None:
             raise CheckpointError(f"{file}: module {module!r} has no counterpart in the built-in {model_kind} model")
-        if set(ab) != {"A", "B"}:
+        if set(ab) - {"m"} != {"A", "B"}:
             raise CheckpointError(f"{file}: module {module!r} has lora_{''.join(ab)} but not both lora_A and lora_B")
         if path not in by_path:
             raise no_such_path(file, path, leaves)
@@ -457,6 +460,7 @@ def import_peft(directory: PathLike, base_params: PyTree, model_kind: str | None
         _, alpha = _pattern_value(config.get("alpha_pattern") or {}, module, "alpha_pattern", config["lora_alpha"])
         scale = float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
         new[path] = _lora.LoraWeight(by_path[path], jnp.asarray(a), jnp.asarray(b), scale, 1, dropout)
+        new[path] = _dora.from_peft(new[path], ab.get("m"), bool(config.get("use_dora")), f"{file}: module {module!r}")
     if not new:
         raise CheckpointError(f"{file}: no LoRA tensors")
     layer = (re.fullmatch(_HF_LAYER_RE[model_kind], m) for m in factors)

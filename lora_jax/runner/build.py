@@ -125,6 +125,9 @@ def check_against_model(config: ExperimentConfig, param_shapes: Mapping[str, Any
         return [p for p in hits if len(shapes[p]) >= 2]
 
     if config.method in ("lora", "qlora"):
+        from lora_jax.methods import select
+
+        select.check(config)
         hits = targets("lora.targets", config.lora.targets)
         limit = {p: min(shapes[p][0], math.prod(shapes[p][1:])) for p in hits}
         bad = [p for p in hits if config.lora.rank > limit[p]]
@@ -289,10 +292,17 @@ def build_params(cfg: ExperimentConfig, model: LoadedModel, base: Any = None):
     Raises:
       ConfigError: the config does not fit the model (see :func:`check_against_model`).
     """
-    params = build_base(cfg, model) if base is None else base
-    if cfg.method in ("lora", "qlora"):
-        check_against_model(cfg, param_shapes(model))
-        params = _lora.init(jax.random.fold_in(jax.random.key(cfg.seed), 1), params, lora_rules(cfg.lora))
+    if cfg.method not in ("lora", "qlora"):
+        return build_base(cfg, model) if base is None else base
+    from lora_jax.methods import select
+
+    check_against_model(cfg, param_shapes(model))
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    if base is not None:  # a shared, already quantized base (fused groups: plain LoRA only)
+        params = _lora.init(key, base, lora_rules(cfg.lora))
+    else:  # lora.method decides the order of quantizing and adapting
+        qrules = quant_rules(cfg.quant, cfg.model.dtype) if cfg.method == "qlora" else None
+        params = select.adapt(cfg.lora, key, model.params, lora_rules(cfg.lora), qrules)
     if cfg.model.scan_layers:  # rules and quantization work on the unrolled paths; stack after
         from lora_jax.models import stacking
 

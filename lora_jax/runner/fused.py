@@ -45,7 +45,7 @@ from lora_jax.io.files import atomic_write
 from lora_jax.runner import build as _build
 from lora_jax.runner.evaluate import generation_prompts, generation_scores, loss_metrics, val_batches
 from lora_jax.runner.loop import read_jsonl, step_times, stop_on_sigint
-from lora_jax.runner.sweep import run_one
+from lora_jax.runner.sweep import finished_summary, run_one
 
 __all__ = ["FOLDER", "PER_MEMBER", "MemberResult", "evaluate_members", "group_id", "group_key", "group_runs",
            "plan_groups", "run_group"]
@@ -77,7 +77,7 @@ def group_key(cfg: _config.ExperimentConfig) -> str | None:
       >>> group_key(a) == group_key(b), group_key(ExperimentConfig(method="full"))
       (True, None)
     """
-    if cfg.method not in ("lora", "qlora") or cfg.optim.lora_plus_ratio:
+    if cfg.method not in ("lora", "qlora") or cfg.lora.method != "lora" or cfg.optim.lora_plus_ratio:
         return None
     r = dataclasses.replace
     neutral = r(cfg, seed=0, lora=r(cfg.lora, rank=1, alpha=None, rslora=False, init="kaiming"),
@@ -107,19 +107,10 @@ def group_id(runs: list[tuple[str, Any]]) -> str:
     return "g" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _finished(run_dir: Path, cfg) -> dict | None:
-    path = run_dir / "summary.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old.get("config_hash") == _config.config_hash(cfg) and old.get("status") == "finished":
-            return old
-    return None
-
-
 def run_group(runs: list[tuple[str, Any]], sweep_dir: Path, *, quiet: bool = False) -> list[dict]:
     """Train (or resume, or skip) a fused group; write every member's run folder; return the summaries."""
     sweep_dir = Path(sweep_dir)
-    done = {name: _finished(sweep_dir / name, cfg) for name, cfg in runs}
+    done = {name: finished_summary(sweep_dir / name, cfg) for name, cfg in runs}
     todo = [(n, c) for n, c in runs if done[n] is None]
     if todo:
         # a checkpoint of the whole group (killed while its members were written) or of the unfinished ones

@@ -93,9 +93,11 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
     samples = ev.pop("samples", [])
     if cfg.method in ("lora", "qlora") and status["status"] == "finished":
         from lora_jax import adapters
+        from lora_jax.methods import select
 
-        adapters.save_adapter(run_dir / "adapter", params, base_model_id=cfg.model.name,
-                              base_hash=model.fingerprint, rules=_build.lora_rules(cfg.lora))
+        saved, rules = select.for_saving(cfg.lora, ctx.params, params, _build.lora_rules(cfg.lora))
+        adapters.save_adapter(run_dir / "adapter", saved, base_model_id=cfg.model.name,
+                              base_hash=model.fingerprint, rules=rules)
     trainable = counts.total if cfg.method == "full" else (0 if cfg.method == "base" else counts.trainable)
     base_fp = quant.footprint(jax.tree.map(lambda x: x.base if _lora.is_lora(x) else x, ctx.params,
                                            is_leaf=_lora.is_node))
