@@ -69,7 +69,9 @@ class Gemma3Config:
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"Gemma3Config.{name} must be a positive int, got {v!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"Gemma3Config: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ConfigError(
+                f"Gemma3Config: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"Gemma3Config: head_dim={self.head_dim} must be even for RoPE")
         if not self.tie_embeddings:
@@ -262,7 +264,7 @@ def attention_choice(config: Gemma3Config, attention: str = "auto", dtype: Any =
 
 
 def init_cache(config: Gemma3Config, batch: int, length: int, dtype=jnp.float32):
-    """An empty key/value cache, per layer ``k`` and ``v`` ``(B, S, K, H)`` (as :func:`lora_jax.models.llama.init_cache`)."""
+    """An empty key/value cache, per layer ``k`` and ``v`` ``(B, S, K, H)`` (as Llama's)."""
     return _llama.init_cache(config, batch, length, dtype)
 
 

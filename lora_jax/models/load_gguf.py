@@ -43,12 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.errors import GGUFError
-from lora_jax.quant import kquants as _kquants
 from lora_jax.models import gguf_file as _gguf_file
 from lora_jax.models import sentencepiece as _sentencepiece
 from lora_jax.models import tokenizer as _tokenizer
 from lora_jax.models.gemma3 import Gemma3Config
 from lora_jax.models.llama import LlamaConfig
+from lora_jax.quant import kquants as _kquants
 
 PyTree = Any
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from lora_jax import _kernels
 from lora_jax.errors import QuantError
+from lora_jax.quant import kquants as _kquants
 from lora_jax.quant.codecs import (
     BITS,
     CODE_VALUES,
@@ -26,7 +27,6 @@ from lora_jax.quant.codecs import (
     pack_nibbles,
     pair_table,
 )
-from lora_jax.quant import kquants as _kquants
 
 _F32 = jnp.float32
 
