@@ -302,3 +302,15 @@ def hidden_states_cached(params, tokens_BT, config: Gemma3Config, cache, *, inde
         x_BTD, lc = _block(lp, x_BTD, attn, c)
         new_cache.append(lc)
     return rms_norm(x_BTD, params["norm"]["scale"], c.rms_eps), new_cache
+
+
+def decoder_module(config: Any):
+    """The module of model functions for ``config``: this one for a :class:`Gemma3Config`, else Llama's.
+
+    Examples:
+      >>> decoder_module(GEMMA3_270M).__name__, decoder_module(_llama.SMOLLM2_135M).__name__
+      ('lora_jax.models.gemma3', 'lora_jax.models.llama')
+    """
+    import sys
+
+    return sys.modules[__name__] if isinstance(config, Gemma3Config) else _llama
