@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import generate, lora
+from lora_jax import generate, lora, paths
 from lora_jax.models import gemma3, load_gguf, registry, sentencepiece, stacking
 
 TINY = gemma3.Gemma3Config(vocab_size=96, dim=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_dim=48, head_dim=16,
@@ -199,3 +199,49 @@ def test_greedy_tokens_equal_llama_cpp_on_the_gguf(gemma):
             logits = np.asarray(forward(params, jnp.asarray([ids + want])))[0, len(ids) - 1 : -1]
             gap = logits.max(-1) - logits[np.arange(16), want]  # teacher-forced on llama.cpp's tokens
             assert gap.max() < 0.5, (p, gap)
+
+
+@pytest.mark.heavy
+def test_qlora_on_the_kquant_base_changes_only_the_adapters_and_lowers_validation_loss(gemma):
+    from pydoc_data.topics import topics
+
+    import optax
+
+    from lora_jax import train
+
+    _, params, cfg, tok = gemma
+    text = " ".join(topics[k] for k in sorted(topics))
+    ids = tok.encode(text[:20000], add_bos=False)
+    rows = np.asarray(ids[: 6 * 48]).reshape(6, 48)
+    fit, val = {"tokens": jnp.asarray(rows[:4])}, {"tokens": jnp.asarray(rows[4:])}
+    rules = [lora.LoraRule(pattern=r"layers/\d+/(attn/[qv]_proj|mlp/down_proj)/kernel", rank=8, alpha=16)]
+    adapted = lora.init(jax.random.key(0), params, rules)
+    loss = lambda p, b: gemma3.loss(p, b, cfg)  # noqa: E731
+    tx = optax.adam(3e-3)
+    step = train.make_train_step(loss, tx)
+    state = train.init_state(adapted, tx, jax.random.key(1))
+    frozen_before = jax.tree.map(np.array, state.frozen)
+    val_loss = jax.jit(lambda t, f: loss(paths.combine(t, f), val)[0])
+    before = float(val_loss(state.trainable, state.frozen))
+    for _ in range(6):
+        state, _ = step(state, fit)
+    after = float(val_loss(state.trainable, state.frozen))
+    assert after < before - 0.05, (before, after)
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), state.frozen, frozen_before)
+    assert all(jax.tree.leaves(same))  # codes, scales and every other frozen leaf bit-identical
+    assert {p.rsplit("/", 1)[-1] for p, _ in paths.leaves_with_paths(state.trainable)} == {"lora_a", "lora_b"}
+
+
+@pytest.mark.heavy
+def test_gemma3_step_benchmark_quick_mode_writes_its_json(gemma, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "gemma3_step", Path(__file__).parent.parent / "experiments" / "benchmarks" / "gemma3_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--quick", "--out", str(tmp_path / "g.json")])
+    assert out["qlora_step_s"] > 0 and out["lora_step_s"] > 0
+    assert out["footprint_bits_per_param"]["qlora_base"] < 8 < out["footprint_bits_per_param"]["lora_base"]
+    assert (tmp_path / "g.json").is_file()
