@@ -1,4 +1,12 @@
-"""Load Llama-architecture GGUF files (llama.cpp's format) into lora-jax params.
+"""Load Llama- and Gemma-3-architecture GGUF files (llama.cpp's format) into lora-jax params.
+
+``gemma3`` files give a :class:`~lora_jax.models.gemma3.Gemma3Config` and the
+parameter tree of :mod:`lora_jax.models.gemma3` (its extra norms map from
+``attn_{q,k}_norm``, ``post_attention_norm`` and ``post_ffw_norm``; llama.cpp
+stores Gemma's norm scales as ``1 + scale``, which the loader subtracts, and
+does not permute Gemma's Q/K rows). SentencePiece vocabularies (``llama``
+tokenizer model) load through :mod:`lora_jax.models.sentencepiece`. The file
+is parsed by :mod:`lora_jax.models.gguf_file`.
 
 The file is read with the ``gguf`` package's ``GGUFReader`` (a memory map, no
 pickle). Metadata gives a :class:`~lora_jax.models.llama.LlamaConfig` and a
@@ -27,7 +35,9 @@ quantized codes and their per-block scales alike.
 Quantized tensors: ``Q8_0``, ``Q4_0`` and ``Q4_1`` (blocks of 32 along the
 input axis) are imported exactly as :mod:`lora_jax.quant` leaves (``int8``,
 ``int4``, ``int4_asym`` at block size 32), or dequantized to float with
-``dequantize=True``. Other ggml types load only with ``dequantize=True``.
+``dequantize=True``. ``Q4_K``, ``Q6_K``, ``Q5_0`` and ``Q5_1`` become the
+K-quant formats of :mod:`lora_jax.quant.kquants` (the file's own codes and
+scales, bit-exact). Other ggml types load only with ``dequantize=True``.
 """
 
 from __future__ import annotations
