@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gemma3_step.json"))
     a = ap.parse_args(argv)
-    batch_size, seq, steps = (1, 16, 2) if a.quick else (4, 128, 6)
+    batch_size, seq, steps = (1, 16, 2) if a.quick else (2, 128, 6)
     path = registry.resolve("gemma3-270m")[1]
     kq, cfg, _ = load_gguf.load(path, tokenizer=False)
     dense, _, _ = load_gguf.load(path, tokenizer=False, dequantize=True)
