@@ -170,7 +170,7 @@ def test_logits_and_greedy_tokens_equal_transformers_on_the_gguf(gemma):
     worst = float(np.max(np.abs(got - want) / (np.abs(want).max(axis=-1, keepdims=True))))
     assert worst <= 1e-3, worst
     out = generate.generate(params, cfg, [ids[0, :12].tolist()], max_new_tokens=8)
-    assert [int(t) for t in out.rows()[0]] == greedy
+    assert [int(t) for t in out.rows()[0]][: len(greedy)] == greedy  # transformers stops at <eos>
 
 
 PROMPTS = ["def fibonacci(n):", "The quick brown fox", "Water boils at"]
