@@ -31,6 +31,7 @@ import numpy as np
 
 from lora_jax import members as _members
 from lora_jax.errors import GenerateError
+from lora_jax.models import gemma3 as _gemma3
 from lora_jax.models import llama as _llama
 from lora_jax.models import stacking as _stacking
 
@@ -124,14 +125,15 @@ def _decode(params, tokens_BP, mask_BP, key, temperature, top_p, *, config, max_
     B, P = tokens_BP.shape
     N = max_new_tokens
     dtype = params["embed"].dtype
-    head = _llama.output_head(params, c)
+    model = _gemma3.decoder_module(c)  # Llama or Gemma 3
+    head = model.output_head(params, c)
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
 
-    cache = _llama.init_cache(c, B, P + N, dtype)
+    cache = model.init_cache(c, B, P + N, dtype)
     kv_mask_BS = jnp.concatenate([mask_BP.astype(bool), jnp.zeros((B, N), bool)], axis=1)
     prompt_len_B = mask_BP.sum(axis=1).astype(jnp.int32)
     positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
-    x_BPD, cache = _llama.hidden_states_cached(
+    x_BPD, cache = model.hidden_states_cached(
         params, tokens_BP, c, cache, index=0, positions_BT=positions_BP, kv_mask_BS=kv_mask_BS
     )
     key, sub = jax.random.split(key)
@@ -148,7 +150,7 @@ def _decode(params, tokens_BP, mask_BP, key, temperature, top_p, *, config, max_
         col = P + i - 1  # the cache column of tok_B
         kv_mask_BS = jax.lax.dynamic_update_slice(kv_mask_BS, jnp.ones((B, 1), bool), (0, col))
         pos_B1 = (prompt_len_B + i - 1)[:, None]
-        x_B1D, cache = _llama.hidden_states_cached(
+        x_B1D, cache = model.hidden_states_cached(
             params, tok_B[:, None], c, cache, index=col, positions_BT=pos_B1, kv_mask_BS=kv_mask_BS
         )
         key, sub = jax.random.split(key)

@@ -135,7 +135,7 @@ def test_non_llama_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(GGUFError, match=r"bert\.gguf.*general\.architecture is 'bert'.*\['llama'\]"):
+    with pytest.raises(GGUFError, match=r"bert\.gguf.*general\.architecture is 'bert'.*\['llama', 'gemma3'\]"):
         load_gguf.load(tmp_path / "bert.gguf")
 
 
@@ -175,11 +175,13 @@ def test_pickle_checkpoints_are_refused(tmp_path):
         load_gguf.load(tmp_path / "notes.txt")
 
 
-def test_quantized_type_without_exact_import_needs_dequantize(tmp_path, tiny_params):
+def test_q5_0_imports_exactly_and_dequantizes_as_gguf(tmp_path, tiny_params):
     path = write_gguf(tmp_path / "q5.gguf", tiny_params, TINY, qtypes={"ffn_up": "Q5_0"})
-    with pytest.raises(GGUFError, match=r"q5\.gguf.*'blk\.0\.ffn_up\.weight' is Q5_0.*dequantize=True"):
-        load_gguf.load(path)
+    exact, _, _ = load_gguf.load(path)  # Q5_0 is a K-quant format now (tests/test_kquants.py)
+    assert exact["layers"][1]["mlp"]["up_proj"]["kernel"].format == "q5_0"
     params, _, _ = load_gguf.load(path, dequantize=True)
+    np.testing.assert_array_equal(np.asarray(exact["layers"][1]["mlp"]["up_proj"]["kernel"].dequantize()),
+                                  np.asarray(params["layers"][1]["mlp"]["up_proj"]["kernel"]))
     reader = gguf.GGUFReader(str(path))
     t = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
     expect = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).T

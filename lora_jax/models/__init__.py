@@ -7,9 +7,10 @@ the config checks model names against, imports no JAX.
 
 import importlib
 
-__all__ = ["bert", "llama"]
+__all__ = ["bert", "gemma3", "llama"]
 
-_SUBMODULES = ("attention", "bert", "layers", "llama", "load_gguf", "load_hf", "registry", "stacking", "tokenizer")
+_SUBMODULES = ("assemble", "attention", "bert", "gemma3", "gguf_file", "layers", "llama", "load_gguf", "load_hf",
+               "registry", "sentencepiece", "stacking", "tokenizer")
 
 
 def __getattr__(name: str):

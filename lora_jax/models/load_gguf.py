@@ -1,4 +1,12 @@
-"""Load Llama-architecture GGUF files (llama.cpp's format) into lora-jax params.
+"""Load Llama- and Gemma-3-architecture GGUF files (llama.cpp's format) into lora-jax params.
+
+``gemma3`` files give a :class:`~lora_jax.models.gemma3.Gemma3Config` and the
+parameter tree of :mod:`lora_jax.models.gemma3` (its extra norms map from
+``attn_{q,k}_norm``, ``post_attention_norm`` and ``post_ffw_norm``; llama.cpp
+stores Gemma's norm scales as ``1 + scale``, which the loader subtracts, and
+does not permute Gemma's Q/K rows). SentencePiece vocabularies (``llama``
+tokenizer model) load through :mod:`lora_jax.models.sentencepiece`. The file
+is parsed by :mod:`lora_jax.models.gguf_file`.
 
 The file is read with the ``gguf`` package's ``GGUFReader`` (a memory map, no
 pickle). Metadata gives a :class:`~lora_jax.models.llama.LlamaConfig` and a
@@ -27,7 +35,9 @@ quantized codes and their per-block scales alike.
 Quantized tensors: ``Q8_0``, ``Q4_0`` and ``Q4_1`` (blocks of 32 along the
 input axis) are imported exactly as :mod:`lora_jax.quant` leaves (``int8``,
 ``int4``, ``int4_asym`` at block size 32), or dequantized to float with
-``dequantize=True``. Other ggml types load only with ``dequantize=True``.
+``dequantize=True``. ``Q4_K``, ``Q6_K``, ``Q5_0`` and ``Q5_1`` become the
+K-quant formats of :mod:`lora_jax.quant.kquants` (the file's own codes and
+scales, bit-exact). Other ggml types load only with ``dequantize=True``.
 """
 
 from __future__ import annotations
@@ -43,12 +53,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.errors import GGUFError
+from lora_jax.models import gguf_file as _gguf_file
+from lora_jax.models import sentencepiece as _sentencepiece
 from lora_jax.models import tokenizer as _tokenizer
+from lora_jax.models.gemma3 import Gemma3Config
 from lora_jax.models.llama import LlamaConfig
+from lora_jax.quant import kquants as _kquants
 
 PyTree = Any
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 GGUF_MAGIC = b"GGUF"
 BLOCK = 32  # elements per block of Q4_0, Q4_1, Q8_0
 # ggml type -> (bytes per block, lora_jax.quant format)
@@ -67,6 +81,11 @@ _LAYER_TENSORS = {
     "ffn_gate.weight": ("mlp", "gate_proj", "kernel"),
     "ffn_up.weight": ("mlp", "up_proj", "kernel"),
     "ffn_down.weight": ("mlp", "down_proj", "kernel"),
+    # Gemma 3
+    "attn_q_norm.weight": ("attn", "q_norm", "scale"),
+    "attn_k_norm.weight": ("attn", "k_norm", "scale"),
+    "post_attention_norm.weight": ("post_attn_norm", "scale"),
+    "post_ffw_norm.weight": ("post_mlp_norm", "scale"),
 }
 
 
@@ -94,24 +113,18 @@ def _check_path(path: str | os.PathLike) -> Path:
     raise GGUFError(f"{str(p)!r} is not a GGUF file: it starts with {head[:4]!r}, not {GGUF_MAGIC!r}")
 
 
-def _reader(path: str | os.PathLike):
-    from gguf import GGUFReader
-
+def _reader(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metadata, tensors)`` of a checked GGUF file (:func:`lora_jax.models.gguf_file.read`)."""
     p = _check_path(path)
     try:
-        return GGUFReader(p, "r")
-    except Exception as e:  # the reader fails with reshape/index errors on a cut-off file
+        return _gguf_file.read(p)
+    except GGUFError:
+        raise
+    except Exception as e:  # struct/reshape errors on a cut-off or corrupt file
         raise GGUFError(
             f"{str(p)!r}: cannot read the GGUF structure ({type(e).__name__}: {e}); the file "
             f"({p.stat().st_size} bytes) is truncated or corrupt"
         ) from None
-
-
-def _field_value(field) -> Any:
-    v = field.contents()
-    if isinstance(v, float):  # float32 metadata: take the shortest decimal that rounds to it (1e-05)
-        v = float(str(np.float32(v)))
-    return v
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -121,8 +134,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
       FileNotFoundError: no such file.
       GGUFError: not a GGUF file, a pickle checkpoint, or a truncated file.
     """
-    r = _reader(path)
-    return {k: _field_value(f) for k, f in r.fields.items()}
+    return _reader(path)[0]
 
 
 def load_tokenizer(path: str | os.PathLike) -> _tokenizer.Tokenizer:
@@ -131,7 +143,14 @@ def load_tokenizer(path: str | os.PathLike) -> _tokenizer.Tokenizer:
     Raises:
       FileNotFoundError, GGUFError: as :func:`load`; ValueError: an unsupported tokenizer.
     """
-    return _tokenizer.from_gguf_metadata(read_metadata(path), source=repr(str(path)))
+    return tokenizer_from_metadata(read_metadata(path), source=repr(str(path)))
+
+
+def tokenizer_from_metadata(meta: Mapping[str, Any], *, source: str) -> _tokenizer.Tokenizer:
+    """The tokenizer the metadata describes: SentencePiece (``llama``) or byte-level BPE (``gpt2``)."""
+    if meta.get("tokenizer.ggml.model") == "llama":
+        return _sentencepiece.from_gguf_metadata(meta, source=source)
+    return _tokenizer.from_gguf_metadata(meta, source=source)
 
 
 def _meta_int(meta, key, path, default=None) -> int:
@@ -162,6 +181,8 @@ def config_from_metadata(meta: Mapping[str, Any], path: str | os.PathLike = "<gg
             f"lora-jax loads {list(SUPPORTED_ARCHITECTURES)} GGUF files"
         )
     a = arch
+    if arch == "gemma3":
+        return gemma3_config_from_metadata(meta, path)
     n_heads = _meta_int(meta, f"{a}.attention.head_count", path)
     dim = _meta_int(meta, f"{a}.embedding_length", path)
     head_dim = _meta_int(meta, f"{a}.attention.key_length", path, dim // max(n_heads, 1))
@@ -187,6 +208,39 @@ def config_from_metadata(meta: Mapping[str, Any], path: str | os.PathLike = "<gg
             rms_eps=float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
             tie_embeddings=tie,
             max_seq_len=int(meta.get(f"{a}.context_length", 2048)),
+        )
+    except ValueError as e:
+        raise GGUFError(f"{str(path)!r}: the metadata gives an invalid config: {e}") from None
+
+
+def gemma3_config_from_metadata(meta: Mapping[str, Any], path: str | os.PathLike = "<gguf>") -> Gemma3Config:
+    """Build the :class:`~lora_jax.models.gemma3.Gemma3Config` of a ``gemma3`` GGUF file's metadata.
+
+    The file names neither the local RoPE base nor the layer pattern; Gemma 3
+    fixes them (10000, every sixth layer global), as Hugging Face's loader assumes.
+    """
+    a = "gemma3"
+    n_heads = _meta_int(meta, f"{a}.attention.head_count", path)
+    dim = _meta_int(meta, f"{a}.embedding_length", path)
+    scaling = meta.get(f"{a}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise GGUFError(f"{str(path)!r}: rope scaling {scaling!r} is not supported by lora-jax's Gemma 3")
+    vocab = meta.get(f"{a}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    head_dim = _meta_int(meta, f"{a}.attention.key_length", path, dim // max(n_heads, 1))
+    try:
+        return Gemma3Config(
+            vocab_size=int(vocab) if vocab else -1,
+            dim=dim,
+            n_layers=_meta_int(meta, f"{a}.block_count", path),
+            n_heads=n_heads,
+            n_kv_heads=_meta_int(meta, f"{a}.attention.head_count_kv", path, n_heads),
+            ffn_dim=_meta_int(meta, f"{a}.feed_forward_length", path),
+            head_dim=head_dim,
+            rope_theta=float(meta.get(f"{a}.rope.freq_base", 1_000_000.0)),
+            rms_eps=float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            sliding_window=_meta_int(meta, f"{a}.attention.sliding_window", path, 512),
+            query_pre_attn_scalar=float(head_dim),
+            max_seq_len=int(meta.get(f"{a}.context_length", 32768)),
         )
     except ValueError as e:
         raise GGUFError(f"{str(path)!r}: the metadata gives an invalid config: {e}") from None
@@ -269,9 +323,10 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 # Tensors -> params
 
 
-def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(c: LlamaConfig | Gemma3Config) -> dict[str, tuple[int, ...]]:
     """GGUF shape ``[ne0, ne1]`` of every tensor the config implies."""
     shapes = {"token_embd.weight": (c.dim, c.vocab_size), "output_norm.weight": (c.dim,)}
+    gemma = isinstance(c, Gemma3Config)
     if not c.tie_embeddings:
         shapes["output.weight"] = (c.dim, c.vocab_size)
     for i in range(c.n_layers):
@@ -287,7 +342,10 @@ def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
             p + "ffn_up.weight": (c.dim, c.ffn_dim),
             p + "ffn_down.weight": (c.ffn_dim, c.dim),
         }
-        if c.qkv_bias:
+        if gemma:
+            shapes |= {p + "attn_q_norm.weight": (c.head_dim,), p + "attn_k_norm.weight": (c.head_dim,),
+                       p + "post_attention_norm.weight": (c.dim,), p + "post_ffw_norm.weight": (c.dim,)}
+        elif c.qkv_bias:
             shapes |= {p + "attn_q.bias": (c.q_dim,), p + "attn_k.bias": (c.kv_dim,), p + "attn_v.bias": (c.kv_dim,)}
     return shapes
 
@@ -362,6 +420,15 @@ def _convert(path, name: str, t, *, dequantize: bool, dtype, permute_heads: int 
             )
             return q.T if table else q
         w = dequantize_blocks(codes, scales, offsets)
+    elif kind in _kquants.GGML_TYPES and not vector and not dequantize:
+        from lora_jax import quant
+
+        perm = (lambda a: unpermute_rope_rows(a, permute_heads)) if permute_heads else None
+        fmt, ch, bs = _kquants.from_gguf_blocks(np.asarray(t.data), kind, perm)
+        ch = {k: None if v is None else jnp.asarray(v) for k, v in ch.items()}
+        q = quant.QTensor(**ch, format=fmt, block_size=bs, stored_shape=(int(t.shape[0]), _rows(t)),
+                          compute_dtype=dtype)
+        return q.T if table else q
     elif kind in ("F32", "F16", "BF16") or dequantize:
         try:
             w = _float_rows(t)
@@ -375,7 +442,8 @@ def _convert(path, name: str, t, *, dequantize: bool, dtype, permute_heads: int 
             w = unpermute_rope_rows(w, permute_heads)
     else:
         raise GGUFError(
-            f"{str(path)!r}: tensor {name!r} is {kind}; lora-jax imports {sorted(EXACT_TYPES)} blocks exactly "
+            f"{str(path)!r}: tensor {name!r} is {kind}; lora-jax imports "
+            f"{sorted(EXACT_TYPES) + sorted(_kquants.GGML_TYPES)} blocks exactly "
             "and other ggml types only with load(..., dequantize=True)"
         )
     if not vector and not table:
@@ -395,8 +463,8 @@ def load(
     dequantize: bool = False,
     dtype=jnp.float32,
     tokenizer: bool = True,
-) -> tuple[PyTree, LlamaConfig, _tokenizer.Tokenizer | None]:
-    """Load a Llama-architecture GGUF file.
+) -> tuple[PyTree, LlamaConfig | Gemma3Config, _tokenizer.Tokenizer | None]:
+    """Load a Llama- or Gemma-3-architecture GGUF file.
 
     Args:
       path: the ``.gguf`` file.
@@ -416,10 +484,9 @@ def load(
       GGUFError: not a GGUF file (or a pickle checkpoint), truncated, not the
         ``llama`` architecture, or tensors that disagree with the metadata.
     """
-    reader = _reader(path)
-    tensors = {t.name: t for t in reader.tensors}
-    meta = {k: _field_value(f) for k, f in reader.fields.items()}
+    meta, tensors = _reader(path)
     config = config_from_metadata(meta, path, tie="output.weight" not in tensors)
+    gemma = isinstance(config, Gemma3Config)
     if any(n.endswith("attn_q.bias") for n in tensors):
         config = dataclasses.replace(config, qkv_bias=True)
     _check_tensors(path, tensors, config)
@@ -431,16 +498,19 @@ def load(
         if name == "token_embd.weight":
             params["embed"] = conv(table=True)
         elif name == "output_norm.weight":
-            params["norm"] = {"scale": conv()}
+            params["norm"] = {"scale": conv() - 1 if gemma else conv()}
         elif name == "output.weight":
             params["lm_head"] = conv()
         else:
             _, i, rest = name.split(".", 2)
+            if gemma:  # llama.cpp stores Gemma's norms as 1 + scale and its Q/K rows unpermuted
+                _set(params["layers"][int(i)], _LAYER_TENSORS[rest], conv() - 1 if "norm" in rest else conv())
+                continue
             heads = {"attn_q": c.n_heads, "attn_k": c.n_kv_heads}.get(rest.split(".")[0])
             _set(params["layers"][int(i)], _LAYER_TENSORS[rest], conv(permute_heads=heads))
     tok = None
     if tokenizer:
-        tok = _tokenizer.from_gguf_metadata(meta, source=repr(str(path)))
+        tok = tokenizer_from_metadata(meta, source=repr(str(path)))
         if tok.vocab_size > c.vocab_size:
             raise GGUFError(
                 f"{str(path)!r}: the tokenizer has {tok.vocab_size} tokens but the model only {c.vocab_size}"

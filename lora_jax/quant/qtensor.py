@@ -15,6 +15,7 @@ import numpy as np
 
 from lora_jax import _kernels
 from lora_jax.errors import QuantError
+from lora_jax.quant import kquants as _kquants
 from lora_jax.quant.codecs import (
     BITS,
     CODE_VALUES,
@@ -110,6 +111,8 @@ class QTensor:
     # -- checks -------------------------------------------------------------
     def expected_children(self) -> dict[str, tuple[tuple[int, ...], np.dtype] | None]:
         """Return the ``(shape, dtype)`` each child must have (``None``: must be absent)."""
+        if self.format in _kquants.KFORMATS:
+            return _kquants.expected_children(self.format, self.stored_shape)
         d_in, d_out = self.stored_shape
         nb = d_in // self.block_size
         four = BITS[self.format] == 4
@@ -129,15 +132,19 @@ class QTensor:
         Raises:
           QuantError: the message lists every child's shape next to the expected one.
         """
-        if self.format not in FORMATS:
-            raise QuantError(f"QTensor format must be one of {FORMATS}, got {self.format!r}")
+        if self.format not in FORMATS + _kquants.KFORMATS:
+            raise QuantError(f"QTensor format must be one of {FORMATS + _kquants.KFORMATS}, got {self.format!r}")
         if len(self.stored_shape) != 2:
             raise QuantError(f"QTensor stores a 2-D kernel (d_in, d_out), got stored_shape {self.stored_shape}")
         d_in, d_out = self.stored_shape
         bs = self.block_size
         if not isinstance(bs, int) or bs <= 0 or d_in % bs:
             raise QuantError(f"QTensor block_size={bs!r} must be a positive int dividing d_in={d_in}")
-        if BITS[self.format] == 4 and d_in % 2:
+        if self.format in _kquants.KFORMATS:
+            why = _kquants.check_shape(self.format, self.stored_shape)
+            if why or bs != _kquants.SUB[self.format]:
+                raise QuantError(f"QTensor {self.format}: {why or f'block_size must be {_kquants.SUB[self.format]}'}")
+        elif BITS[self.format] == 4 and d_in % 2:
             raise QuantError(f"4-bit QTensor needs an even d_in to pack two codes per byte, got {d_in}")
         if not jnp.issubdtype(self.compute_dtype, jnp.floating):
             raise QuantError(f"QTensor compute dtype must be floating, got {self.compute_dtype}")
@@ -230,6 +237,8 @@ class QTensor:
 
     def _decode_columns(self, cols=None) -> jax.Array:
         """The stored kernel (or its columns ``cols``) as float32 ``(d_in, n)``."""
+        if self.format in _kquants.KFORMATS:
+            return _kquants.decode_columns(self, cols)
         d_in = self.stored_shape[0]
         codes = self.codes if cols is None else self.codes[:, cols]
         if BITS[self.format] == 4:
@@ -251,6 +260,8 @@ class QTensor:
 
     def _decode_rows(self, rows: jax.Array) -> jax.Array:
         """Stored rows ``rows`` (1-D int) as float32 ``(len(rows), d_out)``."""
+        if self.format in _kquants.KFORMATS:  # blocks span 256 rows: decode them all
+            return _kquants.decode_columns(self)[rows]
         if BITS[self.format] == 4:
             shift = ((rows % 2) * 4).astype(jnp.uint8)[:, None]
             nib = (self.codes[rows // 2] >> shift) & 15
