@@ -91,13 +91,21 @@ def _field(number: int, payload: bytes) -> bytes:  # a length-delimited field (s
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
+def _f32(v: float) -> float:
+    """``v`` as a float32 can hold it: beyond float32's range (a perplexity of exp(100)) it is +-inf, not an error."""
+    return v if math.isnan(v) or abs(v) <= _F32_MAX else math.copysign(math.inf, v)
+
+
+_F32_MAX = 3.4028234663852886e38
+
+
 def _event(wall_time: float, step: int, *, file_version: str | None = None,
            scalars: Mapping[str, float] | None = None) -> bytes:
     out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
     if file_version is not None:
         out += _field(3, file_version.encode())
     if scalars:
-        values = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", v))
+        values = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", _f32(v)))
                           for tag, v in scalars.items())
         out += _field(5, values)
     return out

@@ -162,3 +162,10 @@ def test_resources_and_tracking_do_not_change_the_config_hash():
     assert config.config_hash(a) != config.config_hash(config.from_dict({"lora": {"rank": 5}}))
     with pytest.raises(ConfigError, match=r"resources.gpu: must be >= 0"):
         config.from_dict({"resources": {"gpu": -1}})
+
+
+def test_values_beyond_float32_are_written_as_infinities_not_errors(tmp_path):
+    """A perplexity of exp(100) (a diverged run) does not fit a float32 scalar: it is +inf, the run still ends."""
+    tracking.write_scalar_events(tmp_path / tracking.EVENTS_NAME, [(1, {"val_ppl": 1e40, "d": -1e300, "ok": 2.5})])
+    events = read_events(tmp_path)
+    assert events["val_ppl"] == [(1, np.inf)] and events["d"] == [(1, -np.inf)] and events["ok"] == [(1, 2.5)]
