@@ -203,6 +203,35 @@ def cost_vs_rank(rows, out_dir: Path, written: list[Path]) -> None:
     _save(fig, out_dir, "cost_vs_rank", written)
 
 
+def methods_vs_rank(rows, out_dir: Path, written: list[Path]) -> None:
+    """``{metric}_by_method``: the metric against rank, one line per ``lora_method`` (sweeps with two or more)."""
+    runs = [r for r in rows if r.get("method") in ("lora", "qlora") and r.get("lora_method") and r.get("rank")]
+    if len({r["lora_method"] for r in runs}) < 2:
+        return
+    cmap = matplotlib.colormaps["tab10"]
+    keys = sorted({(str(r["lora_method"]), str(r["method"])) for r in runs})
+    for metric, (label, _) in METRICS.items():
+        fig = Figure(figsize=(4.8, 3.4))
+        ax = fig.subplots()
+        all_ranks: set[int] = set()
+        for i, (lm, method) in enumerate(keys):
+            ranks, means, stds = _by_rank([r for r in runs if r["lora_method"] == lm], metric, method)
+            if not ranks:
+                continue
+            all_ranks.update(ranks)
+            ax.plot(ranks, means, "o-", color=cmap(i % 10), label=lm + (" (QLoRA)" if method == "qlora" else ""))
+            ax.fill_between(ranks, [m - (s or 0) for m, s in zip(means, stds)],
+                            [m + (s or 0) for m, s in zip(means, stds)], color=cmap(i % 10), alpha=0.15, lw=0)
+        if not all_ranks:
+            continue
+        _reference_lines(ax, rows, metric)
+        _rank_axis(ax, sorted(all_ranks))
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{label} vs rank, by adapter method", fontsize=10)
+        _save(fig, out_dir, f"{metric}_by_method", written)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The JSON lines of a run's ``metrics.jsonl`` (a torn last line is skipped)."""
     out = []
@@ -284,4 +313,5 @@ def make_all(sweep_dir: str | os.PathLike) -> list[Path]:
     cost_vs_rank(rows, out_dir, written)
     loss_curves(rows, sweep_dir, out_dir, written)
     quant_formats(rows, out_dir, written)
+    methods_vs_rank(rows, out_dir, written)
     return written

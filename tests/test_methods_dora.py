@@ -167,3 +167,21 @@ def test_import_dora_trained_by_peft(tmp_path, hf_llama):
     model.save_pretrained(str(tmp_path / "theirs"))
     back = io_peft.import_peft(tmp_path / "theirs", params, "llama")
     assert rel(llama.apply(back, jnp.asarray(TOKENS), config), torch_logits(model)) <= 1e-5
+
+
+def test_dora_export_to_gguf_is_a_clear_error(tmp_path):
+    from lora_jax.io import gguf_adapter
+
+    cfg = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    p = dora.init(jax.random.key(0), llama.init(jax.random.key(0), cfg),
+                  [lora.LoraRule(pattern=r"layers/0/attn/q_proj/kernel", rank=2)])
+    with pytest.raises(LoraError, match=r"layers/0/attn/q_proj/kernel holds a DoraWeight, which llama.cpp cannot "
+                                        r"apply .*merge DoRA"):
+        gguf_adapter.export_gguf_adapter(p, cfg, tmp_path / "a.gguf", architecture="llama")
+    assert not (tmp_path / "a.gguf").exists()
+    from lora_jax.methods import vera
+
+    v = vera.init(jax.random.key(0), llama.init(jax.random.key(0), cfg),
+                  [lora.LoraRule(pattern=r"layers/0/attn/q_proj/kernel", rank=2)])
+    with pytest.raises(LoraError, match=r"holds a VeraWeight, which llama.cpp cannot apply"):
+        gguf_adapter.export_gguf_adapter(v, cfg, tmp_path / "a.gguf", architecture="llama")

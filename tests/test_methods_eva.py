@@ -59,3 +59,17 @@ def test_bad_inputs():
         eva.init(w, [lora.LoraRule(pattern="a", rank=2)], {"a": np.ones((10, 5))})
     with pytest.raises(LoraError, match="rho must be >= 1"):
         eva.init(w, [lora.LoraRule(pattern="a", rank=2)], {"a": np.ones((10, 8))}, rho=0.5)
+
+
+def test_collect_inputs_drops_padding_with_the_attention_mask():
+    cfg = llama.LlamaConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32)
+    params = llama.init(jax.random.key(0), cfg)
+    path = "layers/0/mlp/down_proj/kernel"
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 8), 1, 64))
+    mask = np.array([[1] * 8, [1] * 5 + [0] * 3])
+    padded = eva.collect_inputs(lambda p, t: llama.apply(p, t, cfg, attention_mask_BT=mask), params, [tokens],
+                                [path], masks=[mask])[path]
+    alone = [eva.collect_inputs(lambda p, t: llama.apply(p, t, cfg), params, [t], [path])[path]
+             for t in (tokens[:1], tokens[1:, :5])]  # each example without padding
+    assert padded.shape == (13, 32)
+    np.testing.assert_allclose(padded, np.concatenate(alone), atol=1e-5)

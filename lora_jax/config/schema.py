@@ -116,10 +116,14 @@ class LoraConfig(Section):
       init: ``kaiming`` (PEFT's default) or ``gaussian``.
       targets: regex, matched with ``re.fullmatch`` on ``/``-joined parameter paths.
       method: the adapter method (:mod:`lora_jax.methods`): ``lora``, ``dora``, ``pissa``, ``olora``, ``loftq``
-        (needs method ``qlora``), ``vera``. Its options below; an option of another method is an error.
+        (needs method ``qlora``), ``vera``, ``eva``. Its options below; an option of another method is an error.
       pissa_niter: ``pissa``: subspace iterations of the fast randomized SVD; unset: the full SVD.
       loftq_iter: ``loftq``: alternating steps T (default 1).
       vera_d_initial: ``vera``: initial value of the vector ``d`` (default 0.1, PEFT's).
+      eva_batches: ``eva``: training batches (the run's first, ``train.batch_size`` rows each) whose layer inputs
+        are decomposed (default 2).
+      eva_rho: ``eva``: rank redistribution; each layer offers ``round(rho * rank)`` components and the
+        ``rank``-per-layer budget goes to the largest (default 2.0, PEFT's); 1.0 turns redistribution off.
     """
 
     section: ClassVar[str] = "lora"
@@ -130,10 +134,12 @@ class LoraConfig(Section):
     init: Literal["kaiming", "gaussian"] = "kaiming"
     targets: str = checked_field(DEFAULT_TARGETS, check=valid_regex)
     # adapter methods (lora_jax.methods; checked by lora_jax.methods.options)
-    method: Literal["lora", "dora", "pissa", "olora", "loftq", "vera"] = "lora"
+    method: Literal["lora", "dora", "pissa", "olora", "loftq", "vera", "eva"] = "lora"
     pissa_niter: int | None = checked_field(None, check=at_least(0))
     loftq_iter: int | None = checked_field(None, check=at_least(1))
     vera_d_initial: float | None = checked_field(None, check=positive)
+    eva_batches: int | None = checked_field(None, check=at_least(1))
+    eva_rho: float | None = checked_field(None, check=at_least(1))
 
     def _cross_checks(self) -> list[str]:
         from lora_jax.methods.options import option_errors

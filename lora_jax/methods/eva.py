@@ -65,7 +65,7 @@ class _Recorder:
         self.__array_ufunc__ = None
 
     def __rmatmul__(self, x):
-        self.seen.append(np.asarray(x).reshape(-1, x.shape[-1]))
+        self.seen.append(np.asarray(x))
         return x @ self.w
 
     def __getitem__(self, idx):
@@ -77,10 +77,12 @@ class _Recorder:
 
 
 def collect_inputs(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batches: Iterable[Any],
-                   paths: Sequence[str]) -> dict[str, np.ndarray]:
+                   paths: Sequence[str], masks: Sequence[Any] | None = None) -> dict[str, np.ndarray]:
     """The inputs each of ``paths`` multiplies over ``batches`` (``apply_fn(params, batch)`` run eagerly, no jit).
 
-    Padding positions are included unless ``apply_fn`` drops them; mask them in ``apply_fn``'s input if needed.
+    ``masks``: one ``(B, T)`` array per batch (the attention mask); an input of shape ``(B, T', d)`` with
+    ``T' <= T`` keeps the rows where ``mask[:, :T']`` is set (padding dropped, as PEFT's EVA does). Without
+    masks every position is kept.
     """
     seen: dict[str, list] = {p: [] for p in paths}
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_lora.is_node)
@@ -89,13 +91,21 @@ def collect_inputs(apply_fn: Callable[[PyTree, Any], Any], params: PyTree, batch
         path = _paths.path_str(p)
         leaves.append(_Recorder(x, seen[path]) if path in seen else x)
     recording = treedef.unflatten(leaves)
+    rows: dict[str, list] = {p: [] for p in paths}
     with jax.disable_jit():
-        for batch in batches:
+        for i, batch in enumerate(batches):
             apply_fn(recording, batch)
-    missing = [p for p, v in seen.items() if not v]
+            m = None if masks is None else np.asarray(masks[i]).astype(bool)
+            for p, got in seen.items():
+                for x in got:
+                    if m is not None and x.ndim == 3 and x.shape[0] == m.shape[0] and x.shape[1] <= m.shape[1]:
+                        x = x[m[:, : x.shape[1]]]
+                    rows[p].append(x.reshape(-1, x.shape[-1]))
+                got.clear()
+    missing = [p for p, v in rows.items() if not v]
     if missing:
         raise LoraError(f"eva.collect_inputs: {missing[0]!r} saw no input (is it used as `x @ w` by apply_fn?)")
-    return {p: np.concatenate(v) for p, v in seen.items()}
+    return {p: np.concatenate(v) for p, v in rows.items()}
 
 
 def init(params: PyTree, rules: Sequence[_lora.LoraRule], inputs: dict[str, Any], *, rho: float = 2.0) -> PyTree:

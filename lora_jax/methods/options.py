@@ -23,6 +23,7 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "olora": (),
     "loftq": ("loftq_iter",),
     "vera": ("vera_d_initial",),
+    "eva": ("eva_batches", "eva_rho"),
 }
 
 #: Methods that only make sense on a quantized base (experiment ``method: qlora``).

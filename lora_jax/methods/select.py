@@ -4,7 +4,8 @@ Each method is an init on the same :class:`~lora_jax.lora.LoraRule` s; the order
 of quantizing and adapting depends on the method: LoRA and DoRA adapt the
 quantized base (QLoRA, QDoRA), PiSSA and OLoRA move the principal part out of
 the float weight and quantize the residual (QPiSSA), LoftQ quantizes inside its
-own alternating steps.
+own alternating steps, EVA decomposes the layer inputs of a few training
+batches (on the base the adapters go on, quantized for QLoRA).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def adapt(
     params: Any,
     rules: Sequence[_lora.LoraRule],
     quant_rules: Sequence[_quant.QuantRule] | None = None,
+    *,
+    apply_fn: Any = None,
+    batches: Sequence[Any] = (),
+    masks: Sequence[Any] | None = None,
 ) -> Any:
     """Quantize (when ``quant_rules`` is given) and adapt ``params`` with the method of ``lora_cfg``.
 
@@ -47,6 +52,8 @@ def adapt(
       params: the float base.
       rules: the LoRA rules (rank, alpha, targets).
       quant_rules: the quantization rules of a ``qlora`` run, or ``None``.
+      apply_fn, batches, masks: ``eva`` only: the forward pass ``apply_fn(params, batch)``, the training batches
+        whose layer inputs are decomposed, and their attention masks (:func:`lora_jax.methods.eva.collect_inputs`).
     """
     method = lora_cfg.method
     if method in ("lora", "dora", "vera"):
@@ -62,6 +69,17 @@ def adapt(
 
         d0 = 0.1 if lora_cfg.vera_d_initial is None else lora_cfg.vera_d_initial
         return vera.init(key, params, rules, d_initial=d0)
+    if method == "eva":
+        from lora_jax.methods import eva
+
+        if apply_fn is None or not batches:
+            raise ConfigError("lora.method: eva initialises A from the layer inputs of training batches, and none "
+                              "were given; pass apply_fn and batches (the runner passes the run's first batches)")
+        if quant_rules:
+            params = _quant.quantize(params, quant_rules)
+        targets = [path for path, _ in _lora.nodes(_lora.init(key, params, rules))]
+        inputs = eva.collect_inputs(apply_fn, params, batches, targets, masks)
+        return eva.init(params, rules, inputs, rho=2.0 if lora_cfg.eva_rho is None else lora_cfg.eva_rho)
     if method in ("pissa", "olora"):
         from lora_jax.methods import pissa
 
@@ -82,7 +100,8 @@ def for_saving(lora_cfg: Any, initial: Any, trained: Any, rules: Sequence[_lora.
     PiSSA and OLoRA adapters are converted to plain LoRA of rank ``2r``
     (:func:`lora_jax.methods.pissa.to_plain_lora`; their rules' rank no longer
     describes them, so none are recorded); the others are saved as trained (a
-    LoftQ adapter belongs to its LoftQ-quantized base).
+    LoftQ adapter belongs to its LoftQ-quantized base; an EVA adapter's ranks
+    differ per layer, so its rules are not recorded either).
     """
     if lora_cfg.method in ("pissa", "olora"):
         from lora_jax.methods import pissa
@@ -92,6 +111,8 @@ def for_saving(lora_cfg: Any, initial: Any, trained: Any, rules: Sequence[_lora.
         from lora_jax.methods import vera
 
         return vera.to_plain_lora(trained), None
+    if lora_cfg.method == "eva":
+        return trained, None
     return trained, rules
 
 

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadedModel", "RunContext", "attention_used", "build_base", "build_params", "chat_format", "check_against_model",
-    "check_task_limits", "load_model", "lora_rules", "loss_fn", "make_lr_schedule", "make_optimizer", "param_shapes",
-    "prepare", "quant_rules", "validate_runs",
+    "check_task_limits", "eva_inputs", "load_model", "lora_rules", "loss_fn", "make_lr_schedule", "make_optimizer",
+    "param_shapes", "prepare", "quant_rules", "train_examples", "validate_runs",
 ]
 
 
@@ -284,10 +284,12 @@ def build_base(cfg: ExperimentConfig, model: LoadedModel):
     return model.params
 
 
-def build_params(cfg: ExperimentConfig, model: LoadedModel, base: Any = None):
+def build_params(cfg: ExperimentConfig, model: LoadedModel, base: Any = None, train_data: dict | None = None):
     """The run's parameter tree: the base, quantized for QLoRA, with LoRA nodes from the run's seed.
 
     ``base``: :func:`build_base` of a run with the same model and quantization, to share it (fused groups).
+    ``train_data``: the run's padded training examples (:func:`train_examples`; ``lora.method: eva`` reads its
+    first batches, and tokenizes them itself when not given).
 
     Raises:
       ConfigError: the config does not fit the model (see :func:`check_against_model`).
@@ -302,12 +304,34 @@ def build_params(cfg: ExperimentConfig, model: LoadedModel, base: Any = None):
         params = _lora.init(key, base, lora_rules(cfg.lora))
     else:  # lora.method decides the order of quantizing and adapting
         qrules = quant_rules(cfg.quant, cfg.model.dtype) if cfg.method == "qlora" else None
-        params = select.adapt(cfg.lora, key, model.params, lora_rules(cfg.lora), qrules)
+        params = select.adapt(cfg.lora, key, model.params, lora_rules(cfg.lora), qrules,
+                              **eva_inputs(cfg, model, train_data))
     if cfg.model.scan_layers:  # rules and quantization work on the unrolled paths; stack after
         from lora_jax.models import stacking
 
         params = stacking.stack_layers(params)
     return params
+
+
+def eva_inputs(cfg: ExperimentConfig, model: LoadedModel, train_data: dict | None = None) -> dict:
+    """:func:`lora_jax.methods.select.adapt`'s EVA arguments: the run's first ``lora.eva_batches`` batches."""
+    if cfg.lora.method != "eva":
+        return {}
+    data = train_examples(cfg, model) if train_data is None else train_data
+    bs, n = cfg.train.batch_size, cfg.lora.eva_batches or 2
+    batches = [{k: v[i:i + bs] for k, v in data.items()} for i in range(0, min(n * bs, len(data["tokens"])), bs)]
+    return {"apply_fn": loss_fn(model.config), "batches": batches, "masks": [b["attention_mask"] for b in batches]}
+
+
+def train_examples(cfg: ExperimentConfig, model: LoadedModel) -> dict:
+    """The run's training examples, tokenized and padded (``tokens``, ``loss_mask``, ``attention_mask``)."""
+    task = _task(cfg)
+    tr = _cap(task.tokenize_split("train", model.tokenizer, chat_format(model.tokenizer), cfg.task.max_len),
+              cfg.task.n_train)
+    if len(tr) < cfg.train.batch_size:
+        raise DataError(f"task {cfg.task.name!r}: {len(tr)} training examples, fewer than "
+                         f"train.batch_size={cfg.train.batch_size}")
+    return _data.pad_examples(tr, cfg.task.max_len, pad_id=getattr(model.tokenizer, "pad_id", None) or 0)
 
 
 def prepare(cfg: ExperimentConfig, model: LoadedModel) -> RunContext:
@@ -318,14 +342,8 @@ def prepare(cfg: ExperimentConfig, model: LoadedModel) -> RunContext:
     split_val = "val" if "val" in task.splits() else task.splits()[-1]
     val = _cap(task.tokenize_split(split_val, model.tokenizer, fmt, T), cfg.task.n_val)
     pad_id = getattr(model.tokenizer, "pad_id", None) or 0
-    train_data = None
-    if cfg.method != "base":
-        tr = _cap(task.tokenize_split("train", model.tokenizer, fmt, T), cfg.task.n_train)
-        if len(tr) < cfg.train.batch_size:
-            raise DataError(f"task {cfg.task.name!r}: {len(tr)} training examples, fewer than "
-                             f"train.batch_size={cfg.train.batch_size}")
-        train_data = _data.pad_examples(tr, T, pad_id=pad_id)
-    params = build_params(cfg, model)
+    train_data = None if cfg.method == "base" else train_examples(cfg, model)
+    params = build_params(cfg, model, train_data=train_data)
     info = {"task": task.info(), "dataset_hash": task.dataset_hash, "n_val": len(val),
             "n_train": None if train_data is None else int(train_data["tokens"].shape[0])}
     return RunContext(cfg, model, task, train_data, _data.pad_examples(val, T, pad_id=pad_id), params, info)

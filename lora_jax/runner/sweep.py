@@ -50,7 +50,7 @@ from lora_jax.runner.loop import train_run
 from lora_jax.runner.telemetry import git_commit, peak_rss_mb, reset_peak_rss, versions
 
 RESULT_COLUMNS = [
-    "run", "method", "rank", "alpha", "seed", "quant_format", "quant_block_size", "status", "reason",
+    "run", "method", "lora_method", "rank", "alpha", "seed", "quant_format", "quant_block_size", "status", "reason",
     "steps", "trainable_params", "total_params", "base_bytes", "base_bits_per_param",
     "step_time_s", "tokens_per_s", "peak_rss_mb", "wall_s",
     "train_loss", "val_loss", "val_ppl", "rouge1", "rouge2", "rougeL", "exact_match", "config_hash",
@@ -102,7 +102,7 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
     base_fp = quant.footprint(jax.tree.map(lambda x: x.base if _lora.is_lora(x) else x, ctx.params,
                                            is_leaf=_lora.is_node))
     summary = {
-        "run": run_name, "method": cfg.method, "seed": cfg.seed, **status,
+        "run": run_name, "method": cfg.method, "lora_method": lora_method(cfg), "seed": cfg.seed, **status,
         "rank": cfg.lora.rank if cfg.method in ("lora", "qlora") else None,
         "alpha": (cfg.lora.alpha or cfg.lora.rank) if cfg.method in ("lora", "qlora") else None,
         "quant_format": cfg.quant.format if cfg.method == "qlora" else None,
@@ -126,6 +126,11 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
     return summary
 
 
+def lora_method(cfg: _config.ExperimentConfig) -> str | None:
+    """The run's ``lora.method`` for its summary and ``results.csv`` (``None`` for ``base`` and ``full``)."""
+    return cfg.lora.method if cfg.method in ("lora", "qlora") else None
+
+
 def finished_summary(run_dir: Path, cfg: _config.ExperimentConfig) -> dict | None:
     """The ``summary.json`` of ``run_dir`` if it records this config's run as finished, else ``None``."""
     path = Path(run_dir) / "summary.json"
@@ -145,7 +150,7 @@ def run_recorded(name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, qui
 
 def record_failed(name: str, cfg: _config.ExperimentConfig, run_dir: Path, error: Exception) -> dict:
     """Write (and return) the ``summary.json`` of a run that raised ``error``, and say so on stderr."""
-    s = {"run": name, "method": cfg.method, "seed": cfg.seed, "status": "failed",
+    s = {"run": name, "method": cfg.method, "lora_method": lora_method(cfg), "seed": cfg.seed, "status": "failed",
          "reason": f"{type(error).__name__}: {error}", "config_hash": _config.config_hash(cfg)}
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write(Path(run_dir) / "summary.json", json.dumps(s, indent=1) + "\n")
