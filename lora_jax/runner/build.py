@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadedModel", "RunContext", "attention_used", "build_base", "build_params", "chat_format", "check_against_model",
-    "check_task_limits", "file_quantized", "keeps_file_quant", "load_model", "lora_rules", "loss_fn", "make_lr_schedule",
-    "make_optimizer", "param_shapes", "prepare", "quant_rules", "validate_runs",
+    "check_task_limits", "file_quantized", "keeps_file_quant", "load_model", "lora_rules", "loss_fn",
+    "make_lr_schedule", "make_optimizer", "param_shapes", "prepare", "quant_rules", "validate_runs",
 ]
 
 
