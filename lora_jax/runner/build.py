@@ -96,7 +96,9 @@ def check_against_model(config: ExperimentConfig, param_shapes: Mapping[str, Any
       ConfigError: ``lora.targets`` or ``quant.targets`` matches no parameter
         (nearby paths listed), matches a non-matrix, ``lora.rank`` exceeds
         ``min(d_in, d_out)`` of a targeted matrix (the path and the largest
-        allowed rank named), or ``quant.block_size`` does not divide ``d_in``.
+        allowed rank named), ``quant.block_size`` does not divide ``d_in``, or ``quant.format: gguf``
+        (keep the file's quantized tensors) with a model that is not a GGUF file or a ``lora.method``
+        that rewrites the base (PiSSA, OLoRA, LoftQ).
 
     Examples:
       >>> from lora_jax.config import ExperimentConfig, LoraConfig
