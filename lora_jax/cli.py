@@ -6,6 +6,7 @@
     lora-jax plan CONFIG [--set ...] [--audit]               counts, bytes and XLA cost per run, no training
     lora-jax eval CONFIG [--adapter DIR]                     evaluate the base (or an adapter) on the task
     lora-jax generate --model NAME --prompt TEXT [--adapter DIR[:W]] ...
+    lora-jax export --gguf ADAPTER_DIR --model NAME --out FILE  an adapter as a llama.cpp adapter GGUF
     lora-jax plot RUNS_DIR                                   figures from stored results only
     lora-jax models                                          the embedded models and whether installed
 
@@ -210,6 +211,29 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from lora_jax import adapters
+    from lora_jax.errors import ConfigError
+    from lora_jax.io import gguf_adapter
+    from lora_jax.models import load_gguf, registry
+
+    check_adapter_folder(a.gguf, "--gguf")
+    out = Path(a.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a folder; give the path of the .gguf file to write")
+    kind, path = registry.resolve(a.model)
+    if kind != "gguf":
+        raise ConfigError(f"--model {a.model!r} is not a GGUF model: llama.cpp applies an adapter to a GGUF base, "
+                          "and the adapter's tensor names follow that file; pass the base .gguf file (or its "
+                          "registered name)")
+    arch = str(load_gguf.read_metadata(path).get("general.architecture", "llama"))
+    params, cfg, _ = registry.load_model(a.model, tokenizer=False)  # quantized leaves stay quantized: shapes only
+    adapted = adapters.load(a.gguf, params)
+    gguf_adapter.export_gguf_adapter(adapted, cfg, out, architecture=arch, alpha=a.alpha)
+    print(out)
+    return 0
+
+
 def cmd_plot(a) -> int:
     from lora_jax import plots
 
@@ -272,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side-by-side", action="store_true",
                    help="answer every prompt with each --adapter on its own, all in one batch")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", help="write an adapter folder in another format (llama.cpp's adapter GGUF)")
+    p.add_argument("--gguf", required=True, metavar="ADAPTER_DIR",
+                   help="the adapter folder (ours or PEFT) to write as a llama.cpp adapter GGUF")
+    p.add_argument("--model", required=True, help="the base GGUF the adapter was trained on: registered name or path")
+    p.add_argument("--out", required=True, help="the .gguf file to write (only this file is written)")
+    p.add_argument("--alpha", type=float, help="the file's adapter.lora.alpha (default: the largest rank; each B "
+                   "is rescaled so llama.cpp's alpha/rank gives the trained scale)")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("plot", help="regenerate the figures of a sweep from its stored files")
     p.add_argument("runs_dir", help="runs/<sweep>")

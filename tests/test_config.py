@@ -63,7 +63,8 @@ def test_sections_validate_when_built_in_python():
 
 
 def test_quant_formats_match_the_codecs():
-    assert set(typing.get_args(typing.get_type_hints(C.QuantConfig)["format"])) == set(quant.FORMATS)
+    # plus gguf: keep a GGUF file's own quantized tensors (lora_jax.runner.build.file_quantized)
+    assert set(typing.get_args(typing.get_type_hints(C.QuantConfig)["format"])) == set(quant.FORMATS) | {"gguf"}
 
 
 # ----------------------------------------------------------------------------

@@ -152,14 +152,16 @@ class QuantConfig(Section):
     """The quantized base (used by method ``qlora``).
 
     Attributes:
-      format: ``nf4``, ``fp4``, ``int4``, ``int4_asym`` or ``int8`` (see :mod:`lora_jax.quant`).
+      format: ``nf4``, ``fp4``, ``int4``, ``int4_asym`` or ``int8`` (see :mod:`lora_jax.quant`); ``gguf`` keeps a
+        GGUF model's own quantized tensors (Q8_0, Q4_K, ...: the file's codes, no requantization; the
+        other fields do not apply).
       block_size: input rows per scale: 32, 64, 128 or 256; 0 means one block per output channel.
       double_quant: quantize the block scales to int8 too (QLoRA).
       targets: regex over parameter paths, as ``lora.targets``.
     """
 
     section: ClassVar[str] = "quant"
-    format: Literal["nf4", "fp4", "int4", "int4_asym", "int8"] = "nf4"
+    format: Literal["nf4", "fp4", "int4", "int4_asym", "int8", "gguf"] = "nf4"
     block_size: Literal[0, 32, 64, 128, 256] = 64
     double_quant: bool = True
     targets: str = checked_field(DEFAULT_TARGETS, check=valid_regex)

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LoadedModel", "RunContext", "attention_used", "build_base", "build_params", "chat_format", "check_against_model",
-    "check_task_limits", "eva_inputs", "load_model", "lora_rules", "loss_fn", "make_lr_schedule", "make_optimizer",
-    "param_shapes", "prepare", "quant_rules", "train_examples", "validate_runs",
+    "check_task_limits", "eva_inputs", "file_quantized", "keeps_file_quant", "load_model", "lora_rules", "loss_fn",
+    "make_lr_schedule", "make_optimizer", "param_shapes", "prepare", "quant_rules", "train_examples", "validate_runs",
 ]
 
 
@@ -96,7 +96,9 @@ def check_against_model(config: ExperimentConfig, param_shapes: Mapping[str, Any
       ConfigError: ``lora.targets`` or ``quant.targets`` matches no parameter
         (nearby paths listed), matches a non-matrix, ``lora.rank`` exceeds
         ``min(d_in, d_out)`` of a targeted matrix (the path and the largest
-        allowed rank named), or ``quant.block_size`` does not divide ``d_in``.
+        allowed rank named), ``quant.block_size`` does not divide ``d_in``, or ``quant.format: gguf``
+        (keep the file's quantized tensors) with a model that is not a GGUF file or a ``lora.method``
+        that rewrites the base (PiSSA, OLoRA, LoftQ).
 
     Examples:
       >>> from lora_jax.config import ExperimentConfig, LoraConfig
@@ -138,7 +140,16 @@ def check_against_model(config: ExperimentConfig, param_shapes: Mapping[str, Any
                 f"lora.rank={config.lora.rank} is too large for {len(bad)} of the {len(hits)} matrices "
                 f"lora.targets matches: {shown}{more}; the largest rank every target allows is {min(limit.values())}"
             )
-    if config.method == "qlora" and config.quant.block_size:
+    if keeps_file_quant(config):  # the GGUF's own codes: no block size or targets of ours apply
+        from lora_jax.models import registry
+
+        if config.lora.method in ("pissa", "olora", "loftq"):
+            errors.append(f"lora.method={config.lora.method} rewrites the base, which quant.format=gguf keeps as the "
+                          "file's own codes; use lora.method lora, dora or vera, or another quant.format")
+        if registry.resolve(config.model.name)[0] != "gguf":
+            errors.append(f"quant.format=gguf keeps a GGUF file's quantized tensors, but model.name="
+                          f"{config.model.name!r} is not a GGUF model; use a .gguf file or another quant.format")
+    elif config.method == "qlora" and config.quant.block_size:
         bs = config.quant.block_size
         hits = targets("quant.targets", config.quant.targets)
         bad = [p for p in hits if shapes[p][0] % bs]
@@ -200,6 +211,8 @@ class LoadedModel:
     tokenizer: Any
     fingerprint: str = ""
     shapes: dict[str, tuple[int, ...]] | None = None  # see param_shapes
+    dtype: str = "float32"
+    file_params: Any = None  # the GGUF's own quantized tensors (see file_quantized)
 
 
 _MODEL_CACHE: dict[tuple[str, str], LoadedModel] = {}
@@ -208,7 +221,7 @@ _MODEL_CACHE: dict[tuple[str, str], LoadedModel] = {}
 def param_shapes(model: LoadedModel) -> dict[str, tuple[int, ...]]:
     """``{path: shape}`` of the model's parameters (computed once per loaded model)."""
     if model.shapes is None:
-        model.shapes = {p: tuple(x.shape) for p, x in _paths.leaves_with_paths(model.params)}
+        model.shapes = {p: tuple(x.shape) for p, x in _paths.leaves_with_paths(model.params, is_leaf=_lora.is_node)}
     return model.shapes
 
 
@@ -221,8 +234,26 @@ def load_model(m: ModelConfig) -> LoadedModel:
 
         params, cfg, tok = registry.load_model(m.name, dequantize=True, dtype=jnp.dtype(m.dtype))
         _MODEL_CACHE.clear()  # keep one model in memory at a time
-        _MODEL_CACHE[key] = LoadedModel(m.name, params, cfg, tok, base_hash(params))
+        _MODEL_CACHE[key] = LoadedModel(m.name, params, cfg, tok, base_hash(params), dtype=m.dtype)
     return _MODEL_CACHE[key]
+
+
+def keeps_file_quant(cfg: ExperimentConfig) -> bool:
+    """True for a ``qlora`` run with ``quant.format: gguf``: its base is the GGUF file's own quantized tensors."""
+    return cfg.method == "qlora" and cfg.quant.format == "gguf"
+
+
+def file_quantized(model: LoadedModel) -> Any:
+    """The model's GGUF tensors as the file holds them (quantized ones as exact QTensor leaves), loaded once.
+
+    No dequantization and no requantization: Q8_0/Q4_0/Q4_1 and the K-quants keep the file's codes and scales.
+    """
+    if model.file_params is None:
+        from lora_jax.models import registry
+
+        model.file_params = registry.load_model(model.name, dequantize=False, dtype=jnp.dtype(model.dtype),
+                                                tokenizer=False)[0]
+    return model.file_params
 
 
 def loss_fn(model_cfg, run_cfg: ExperimentConfig | None = None):
@@ -230,11 +261,12 @@ def loss_fn(model_cfg, run_cfg: ExperimentConfig | None = None):
 
     ``run_cfg`` (the run's config) sets ``train.remat`` and ``model.attention``; without it: none and auto.
     """
-    from lora_jax.models import llama
+    from lora_jax.models import gemma3
 
+    decoder = gemma3.decoder_module(model_cfg)  # Llama or Gemma 3
     remat = "none" if run_cfg is None else run_cfg.train.remat
     attention = "auto" if run_cfg is None else run_cfg.model.attention
-    return lambda p, b: llama.loss(p, b, model_cfg, remat=remat, attention=attention)
+    return lambda p, b: decoder.loss(p, b, model_cfg, remat=remat, attention=attention)
 
 
 def attention_used(cfg: ExperimentConfig, model: LoadedModel) -> str:
@@ -243,9 +275,10 @@ def attention_used(cfg: ExperimentConfig, model: LoadedModel) -> str:
     Raises:
       ConfigError: ``cudnn`` asked for where it cannot run.
     """
-    from lora_jax.models import llama
+    from lora_jax.models import gemma3
 
-    return llama.attention_choice(model.config, cfg.model.attention, jnp.dtype(cfg.model.dtype))
+    decoder = gemma3.decoder_module(model.config)
+    return decoder.attention_choice(model.config, cfg.model.attention, jnp.dtype(cfg.model.dtype))
 
 
 def _task(cfg: ExperimentConfig):
@@ -278,7 +311,10 @@ class RunContext:
 
 
 def build_base(cfg: ExperimentConfig, model: LoadedModel):
-    """The run's frozen base before any adapter: the model's weights, quantized for QLoRA."""
+    """The run's frozen base before any adapter: the model's weights, quantized for QLoRA (``quant.format: gguf``:
+    the file's own quantized tensors)."""
+    if keeps_file_quant(cfg):
+        return file_quantized(model)
     if cfg.method == "qlora":
         return _quant.quantize(model.params, quant_rules(cfg.quant, cfg.model.dtype))
     return model.params
@@ -302,6 +338,9 @@ def build_params(cfg: ExperimentConfig, model: LoadedModel, base: Any = None, tr
     key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     if base is not None:  # a shared, already quantized base (fused groups: plain LoRA only)
         params = _lora.init(key, base, lora_rules(cfg.lora))
+    elif keeps_file_quant(cfg):  # already quantized by the file: adapt its codes as they are
+        params = select.adapt(cfg.lora, key, file_quantized(model), lora_rules(cfg.lora),
+                              **eva_inputs(cfg, model, train_data))
     else:  # lora.method decides the order of quantizing and adapting
         qrules = quant_rules(cfg.quant, cfg.model.dtype) if cfg.method == "qlora" else None
         params = select.adapt(cfg.lora, key, model.params, lora_rules(cfg.lora), qrules,

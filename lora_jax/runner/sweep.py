@@ -106,7 +106,7 @@ def run_one(run_name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quie
         "rank": cfg.lora.rank if cfg.method in ("lora", "qlora") else None,
         "alpha": (cfg.lora.alpha or cfg.lora.rank) if cfg.method in ("lora", "qlora") else None,
         "quant_format": cfg.quant.format if cfg.method == "qlora" else None,
-        "quant_block_size": cfg.quant.block_size if cfg.method == "qlora" else None,
+        "quant_block_size": cfg.quant.block_size if cfg.method == "qlora" and cfg.quant.format != "gguf" else None,
         "steps": cfg.train.steps if cfg.method != "base" else 0,
         "trainable_params": trainable, "total_params": counts.total,
         "base_bytes": base_fp.nbytes, "base_bits_per_param": round(base_fp.bits_per_param, 4),
