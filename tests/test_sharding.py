@@ -6,6 +6,7 @@ tests below read its JSON. The reference is the same step on one device, the
 plain ``lora_jax.train.make_train_step`` without any sharding.
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -27,13 +28,20 @@ MESHES = [[8, 1, 1], [2, 4, 1], [1, 4, 2], [1, 8, 1]]
 
 
 @pytest.fixture(scope="module")
-def mesh_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mesh") / "mesh.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments/benchmarks/mesh_check.py"), str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def mesh_results(tmp_path_factory, worker_id):
+    """The 8-device subprocess's JSON, computed once per test session (shared by the xdist workers)."""
+    root = tmp_path_factory.mktemp("mesh") if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    out = root / "mesh.json"
+    with open(root / "mesh.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits for this one's result instead of recomputing it
+        if not out.exists():
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+            env.pop("XLA_FLAGS", None)
+            tmp = root / "mesh.json.part"
+            proc = subprocess.run([sys.executable, str(ROOT / "experiments/benchmarks/mesh_check.py"), str(tmp)],
+                                  env=env, capture_output=True, text=True, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            tmp.rename(out)
     return json.loads(out.read_text())
 
 
