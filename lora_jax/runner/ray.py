@@ -139,13 +139,9 @@ def run_all(runs: list[tuple[str, _config.ExperimentConfig]], sweep_dir: Path, *
             try:
                 s = json.loads(ray.get(ready[0]))
             except ray.exceptions.RayError as e:  # the worker died more often than max_retries allows
-                s = {"run": name, "method": cfg.method, "seed": cfg.seed, "status": "failed",
-                     "reason": f"Ray task failed after {cfg.resources.max_retries} retries: "
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                     "config_hash": _config.config_hash(cfg)}
-                from lora_jax.io.files import atomic_write
-
-                atomic_write(sweep_dir / name / "summary.json", json.dumps(s, indent=1) + "\n")
+                first = str(e).splitlines()[0] if str(e) else ""
+                s = _sweep.record_failed(name, cfg, sweep_dir / name, RuntimeError(
+                    f"Ray task failed after {cfg.resources.max_retries} retries: {type(e).__name__}: {first}"))
             done[name] = s
             failed += s.get("status") == "failed"
             write()
