@@ -99,6 +99,25 @@ def load_torch(d):
     return transformers.LlamaForCausalLM.from_pretrained(str(d)).eval()
 
 
+def peft_trained(d, lora_config, out: Path, steps: int = 3):
+    """PEFT's model of ``lora_config`` on the Llama in ``d``, trained ``steps`` Adam steps on TOKENS, saved to ``out``."""
+    import peft
+    import torch
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(load_torch(d), lora_config)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    ids = torch.tensor(TOKENS, dtype=torch.long)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(str(out))
+    return model
+
+
 def hf_bert_folder(directory: Path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

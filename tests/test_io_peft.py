@@ -15,6 +15,7 @@ from hf_models import (
     bert_hidden,
     hf_bert_folder,
     load_torch,
+    peft_trained,
     rel,
     torch_logits,
     train_here,
@@ -66,24 +67,14 @@ def test_export_peft_rslora_and_partial_targets(tmp_path, hf_llama):
 
 
 def test_import_peft_trained_by_peft(tmp_path, hf_llama):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     d, params, config, _ = hf_llama
     lcfg = peft.LoraConfig(
         r=4, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={"up_proj": 2},
         alpha_pattern={"v_proj": 2}, lora_dropout=0.0, task_type="CAUSAL_LM",
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = peft.get_peft_model(load_torch(d), lcfg)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    ids = torch.tensor(TOKENS, dtype=torch.long)
-    model.train()
-    for _ in range(3):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(str(tmp_path / "peft"))
+    model = peft_trained(d, lcfg, tmp_path / "peft")
     theirs = torch_logits(model)
     adapted = io_peft.import_peft(tmp_path / "peft", params)  # model_kind inferred
     q = adapted["layers"][0]["attn"]["q_proj"]["kernel"]

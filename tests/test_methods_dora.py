@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_models import TOKENS, load_torch, rel, torch_logits
+from hf_models import TOKENS, load_torch, peft_trained, rel, torch_logits
 from peft_layers import ALPHA, D_IN, D_OUT, R, node_from, our_grads, peft_linear, torch_grads
 
 from lora_jax import lora, paths, quant
@@ -150,21 +150,11 @@ def test_export_peft_dora_loads_in_peft_and_imports_back(tmp_path, hf_llama):
 
 
 def test_import_dora_trained_by_peft(tmp_path, hf_llama):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     d, params, config, _ = hf_llama
-    torch.manual_seed(0)
-    model = peft.get_peft_model(load_torch(d), peft.LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "up_proj"],
-                                                                use_dora=True, task_type="CAUSAL_LM"))
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    ids = torch.tensor(TOKENS, dtype=torch.long)
-    model.train()
-    for _ in range(3):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(str(tmp_path / "theirs"))
+    model = peft_trained(d, peft.LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "up_proj"], use_dora=True,
+                                            task_type="CAUSAL_LM"), tmp_path / "theirs")
     back = io_peft.import_peft(tmp_path / "theirs", params, "llama")
     assert rel(llama.apply(back, jnp.asarray(TOKENS), config), torch_logits(model)) <= 1e-5
 
