@@ -100,7 +100,7 @@ def load_torch(d):
 
 
 def peft_trained(d, lora_config, out: Path, steps: int = 3):
-    """PEFT's model of ``lora_config`` on the Llama in ``d``, trained ``steps`` Adam steps on TOKENS, saved to ``out``."""
+    """PEFT's model of ``lora_config`` on the Llama in ``d``, trained ``steps`` Adam steps on TOKENS; saved: ``out``."""
     import peft
     import torch
 
