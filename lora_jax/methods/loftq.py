@@ -25,7 +25,11 @@ An adapter trained from a LoftQ init is only valid on its base ``Q``, not on ``W
 Hugging Face folder, and the adapter as a PEFT folder that names that base.
 Our NF4 (blocks of 64 along ``d_in``, no double quantization) is
 bitsandbytes' NF4 (blocks of 64 along each torch row): when ``d_in`` is a
-multiple of 64, that base loads back in 4 bits as the same ``Q``.
+multiple of 64, that base loads back in 4 bits as the same ``Q``. PEFT's 8-bit
+LoftQ is another quantizer: bitsandbytes' ``Int8Params`` rounds each residual
+to float16 before its per-row absmax, while ``int8`` here (one block over
+``d_in``) quantizes the float32 residual; at 8 bits that rounding is the size
+of the quantization error, so the two fits differ.
 
 Examples:
   >>> import jax, jax.numpy as jnp, numpy as np
