@@ -24,6 +24,15 @@ This is the exact weighted sum of the adapters' updates (PEFT's
 ``add_weighted_adapter(combination_type="cat")``; its ``"linear"`` mixes A and
 B separately, which is not this sum). The weights may be traced: a jitted
 forward taking ``(adapters, weights)`` compiles once for all weights.
+
+**Methods.** A VeRA node's update ``(A * lambda_d) @ B * lambda_b`` is a LoRA
+update of the same rank, so VeRA adapters combine (and align) as that plain
+LoRA node (:func:`lora_jax.methods.vera.to_plain_lora`, exact). A DoRA update
+``m * (W0 + sAB) / ||W0 + sAB|| - W0`` rescales every column of the base: a
+weighted sum of such updates is no low-rank factor pair, so :func:`combine`
+refuses DoRA nodes (merge each adapter into the base instead).
+:func:`align` keeps them: where one tree has a DoRA node, the others get the
+DoRA node that computes what they computed (``m = ||W0 + sAB||``, so the gain is 1).
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from lora_jax.io.adapters import (
     read_adapter_config,
     save_adapter,
 )
+from lora_jax.methods import dora as _dora
+from lora_jax.methods import vera as _vera
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -117,7 +128,7 @@ def _flat(adapters: Sequence[PyTree]) -> tuple[list[list[tuple[str, Any]]], Any]
         raise LoraError("need at least one adapted params tree")
     flats, treedef = [], None
     for i, tree in enumerate(adapters):
-        flat, td = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_lora.is_node)
+        flat, td = jax.tree_util.tree_flatten_with_path(_vera.to_plain_lora(tree), is_leaf=_lora.is_node)
         flat = [(_paths.path_str(p), x) for p, x in flat]
         if flats and [p for p, _ in flat] != [p for p, _ in flats[0]]:
             diff = next(
@@ -230,6 +241,8 @@ def align(adapters: Sequence[PyTree], *, rank: int | None = None) -> list[PyTree
                     a = jnp.zeros((ref.lora_a.shape[0], rank), ref.lora_a.dtype)
                     b = jnp.zeros((rank, ref.lora_b.shape[1]), ref.lora_b.dtype)
                     x = _lora.LoraWeight(x, a, b, 1.0, ref.in_ndim, 0.0)
+                if any(_dora.is_dora(n) for _, n in columns[j]) and not _dora.is_dora(x):
+                    x = _dora.to_dora(x)  # m = ||W0 + sAB||: the same function, the DoRA structure
             leaves.append(x)
         out.append(treedef.unflatten(leaves))
     return out
@@ -251,8 +264,9 @@ def combine(adapters: Sequence[PyTree], weights: Sequence[float] | jax.Array) ->
       The combined params.
 
     Raises:
-      LoraError: the numbers of adapters and weights differ, or the trees are
-        on different bases.
+      LoraError: the numbers of adapters and weights differ, the trees are
+        on different bases, or a DoRA node (see the module docstring; VeRA
+        nodes combine as their plain LoRA node).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -274,6 +288,14 @@ def combine(adapters: Sequence[PyTree], weights: Sequence[float] | jax.Array) ->
             leaves.append(x)
             continue
         nodes = _column(flats, j)
+        dora = next((i for i, node in nodes if _dora.is_dora(node)), None)
+        if dora is not None:
+            raise LoraError(
+                f"combine: {flats[0][j][0]!r} of adapter {dora} is a DoRA weight; a weighted sum of DoRA updates "
+                "(each rescales every column of the base W0) is not a low-rank update, so it cannot be one LoRA "
+                "node. Fold each adapter into the base instead (W = W0 + sum_i w_i * (lora.merge(adapter_i) - W0)), "
+                "or combine plain LoRA or VeRA adapters"
+            )
         ref = nodes[0][1]
         dtype = ref.lora_a.dtype
         a = jnp.concatenate(

@@ -1,15 +1,20 @@
-"""EVA: PCA against PEFT's IncrementalPCA, the rank redistribution, inputs gathered from a real forward pass."""
+"""EVA: PCA against PEFT's IncrementalPCA, the ranks, inputs from a forward pass, PEFT's EVA, export both ways."""
 
 from __future__ import annotations
+
+import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_models import TOKENS, load_torch, rel, torch_logits
 
 from lora_jax import lora
 from lora_jax.errors import LoraError
-from lora_jax.methods import eva
+from lora_jax.io import peft as io_peft
+from lora_jax.methods import eva, pissa
 from lora_jax.models import llama
 
 
@@ -73,3 +78,83 @@ def test_collect_inputs_drops_padding_with_the_attention_mask():
              for t in (tokens[:1], tokens[1:, :5])]  # each example without padding
     assert padded.shape == (13, 32)
     np.testing.assert_allclose(padded, np.concatenate(alone), atol=1e-5)
+
+
+EVA_TARGETS = r"layers/\d+/(attn/q_proj|attn/o_proj|mlp/down_proj)/kernel"  # inputs all distinct: no rank ties
+
+
+@pytest.fixture(scope="module")
+def eva_pair(hf_llama):
+    """PEFT's EVA (``initialize_lora_eva_weights``) and ours on one batch of 8 x 16 tokens, two rows padded.
+
+    r=8, rho=5: each layer offers 40 components. PEFT's IncrementalPCA uses ``torch.svd_lowrank`` with
+    ``q = 2 * 40``, which is at least every d_in here (48, 80), so its PCA is exact, not randomized; with one
+    batch PEFT fits it twice (its convergence check) and the components are those of that batch.
+    """
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    d, params, config, _ = hf_llama
+    tokens = np.random.default_rng(0).integers(1, 96, size=(8, 16))
+    mask = np.ones_like(tokens)
+    mask[1, 11:], mask[5, 13:] = 0, 0  # padding: dropped by both
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj", "down_proj"],
+                          init_lora_weights="eva", eva_config=peft.EvaConfig(rho=5), task_type="CAUSAL_LM")
+    model = peft.get_peft_model(load_torch(d), cfg)
+    batch = {"input_ids": torch.tensor(tokens), "attention_mask": torch.tensor(mask)}
+    peft.initialize_lora_eva_weights(model, dataloader=[batch], show_progress_bar=False)
+    rules = [lora.LoraRule(pattern=EVA_TARGETS, rank=8, alpha=16)]
+    paths = [p for p, _ in lora.nodes(lora.init(jax.random.key(0), params, rules))]
+    apply = lambda p, t: llama.apply(p, t, config, attention_mask_BT=jnp.asarray(mask))  # noqa: E731
+    inputs = eva.collect_inputs(apply, params, [jnp.asarray(tokens)], paths, masks=[mask])
+    return model.eval(), eva.init(params, rules, inputs, rho=5)
+
+
+def _peft_factors(model) -> dict[str, tuple[np.ndarray, float]]:
+    """``{our kernel path: (lora_A (r, d_in), scaling)}`` of a PEFT model's LoRA layers."""
+    out = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            path = io_peft.kernel_path(name.removeprefix("base_model.model."), "llama")
+            out[path] = (module.lora_A["default"].weight.detach().numpy(), float(module.scaling["default"]))
+    return out
+
+
+def test_matches_peft_eva_ranks_and_components(eva_pair):
+    model, ours = eva_pair
+    theirs, nodes = _peft_factors(model), dict(lora.nodes(ours))
+    ranks = {p: n.rank for p, n in nodes.items()}
+    assert {p: a.shape[0] for p, (a, _) in theirs.items()} == ranks  # the same redistribution (rank 0: unadapted)
+    assert sum(ranks.values()) == 8 * 6 and len(set(ranks.values())) > 1  # the budget moved between layers
+    for p, (a, scaling) in theirs.items():
+        mine = np.asarray(nodes[p].lora_a).T
+        signs = np.sign(np.sum(mine * a, axis=1))  # principal components are defined up to sign
+        np.testing.assert_allclose(mine * signs[:, None], a, atol=1e-5, err_msg=p)
+        assert nodes[p].scale == pytest.approx(scaling)  # alpha / r, PEFT's adjust_scaling_factors
+
+
+def _perturbed(params, seed):
+    rng = np.random.default_rng(seed)
+    return pissa.map_nodes(params, lambda path, n: dataclasses.replace(
+        n, lora_b=n.lora_b + jnp.asarray(0.05 * rng.normal(size=n.lora_b.shape), jnp.float32)))
+
+
+def test_eva_export_loads_in_peft_and_peft_eva_imports_back(tmp_path, hf_llama, eva_pair):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    d, params, config, _ = hf_llama
+    model, ours = eva_pair
+    trained = _perturbed(ours, 1)  # a trained adapter: B != 0
+    want = np.asarray(llama.apply(trained, jnp.asarray(TOKENS), config))
+    out = io_peft.export_peft(tmp_path / "ours", trained, base_model_name_or_path=str(d))
+    loaded = peft.PeftModel.from_pretrained(load_torch(d), str(out)).eval()
+    assert rel(want, torch_logits(loaded)) <= 1e-5
+    assert {p: a.shape[0] for p, (a, _) in _peft_factors(loaded).items()} == {p: n.rank for p, n in lora.nodes(ours)}
+    theirs = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    back = io_peft.import_peft(tmp_path / "theirs", params, "llama")
+    assert {p: n.rank for p, n in lora.nodes(back)} == {p: a.shape[0] for p, (a, _) in _peft_factors(theirs).items()}
+    assert rel(llama.apply(back, jnp.asarray(TOKENS), config), torch_logits(theirs)) <= 1e-5

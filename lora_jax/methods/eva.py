@@ -10,6 +10,15 @@ how many of its components made the cut (PEFT's ``_get_rank_distribution``,
 ``B = 0`` (the base model at init), and the scale stays ``alpha / r`` (PEFT's
 ``adjust_scaling_factors=True``). A layer whose rank comes out 0 is left unadapted.
 
+Against PEFT (``initialize_lora_eva_weights``): on one batch both give the same
+components (up to sign) and ranks (tested on a Hugging Face Llama). PEFT's
+IncrementalPCA keeps ``round(rho * r)`` components after each batch and stops
+when they stop moving (cycling the loader), with a randomized SVD; here one
+exact PCA covers all the given batches, so over several batches the two differ
+by PEFT's truncation. Layers fed the same input (q/k/v) tie exactly; PEFT gives
+tied components to the first module in the model's order, this to the first
+path in the tree's order.
+
 Examples:
   >>> import jax, jax.numpy as jnp
   >>> from lora_jax import lora

@@ -19,6 +19,18 @@ only when the scale is 1), the scale is divided out here: ``A = U_r sqrt(S_r / s
 ``||W - (Q + s A B)||_F / ||W||_F`` next to plain QLoRA's ``||W - quantize(W)||_F / ||W||_F``,
 so a user sees whether LoftQ helped before training.
 
+An adapter trained from a LoftQ init is only valid on its base ``Q``, not on ``W``.
+:func:`export_peft` writes what PEFT's LoftQ recipe saves: the LoftQ base
+(``Q`` dequantized, as ``peft_model.unload().save_pretrained`` writes it) as a
+Hugging Face folder, and the adapter as a PEFT folder that names that base.
+Our NF4 (blocks of 64 along ``d_in``, no double quantization) is
+bitsandbytes' NF4 (blocks of 64 along each torch row): when ``d_in`` is a
+multiple of 64, that base loads back in 4 bits as the same ``Q``. PEFT's 8-bit
+LoftQ is another quantizer: bitsandbytes' ``Int8Params`` rounds each residual
+to float16 before its per-row absmax, while ``int8`` here (one block over
+``d_in``) quantizes the float32 residual; at 8 bits that rounding is the size
+of the quantization error, so the two fits differ.
+
 Examples:
   >>> import jax, jax.numpy as jnp, numpy as np
   >>> w = jnp.asarray(np.random.default_rng(0).normal(size=(128, 32)), jnp.float32)
@@ -32,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -42,9 +55,12 @@ from lora_jax import lora as _lora
 from lora_jax import paths as _paths
 from lora_jax import quant as _quant
 from lora_jax.errors import LoraError
+from lora_jax.io import peft as _peft
+from lora_jax.io.factors import strip_adapters
 from lora_jax.methods.pissa import factors, map_nodes
+from lora_jax.models import export_hf as _export_hf
 
-__all__ = ["LoftqMatrix", "init", "init_matrix", "init_with_report", "requantize"]
+__all__ = ["LoftqMatrix", "export_peft", "init", "init_matrix", "init_with_report", "requantize"]
 
 PyTree = Any
 
@@ -146,3 +162,34 @@ def init(key: jax.Array, params: PyTree, rules: Sequence[_lora.LoraRule], quant_
       LoraError: ``steps < 1``, an adapted weight that is not quantized, or stacked params.
     """
     return init_with_report(key, params, rules, quant_rules, steps=steps)[0]
+
+
+def export_peft(directory: Any, params: PyTree, config: Any, tokenizer: Any = None, *,
+                model_kind: str = "llama") -> tuple[Path, Path]:
+    """Write a LoftQ run as PEFT's LoftQ recipe saves it: ``directory/base`` and ``directory/adapter``.
+
+    ``base`` is a Hugging Face folder of the model with every quantized weight
+    dequantized (the LoftQ base ``Q``; other weights as they are), ``adapter`` a
+    PEFT LoRA folder whose ``base_model_name_or_path`` is that folder, so
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)``
+    computes what ``params`` computes.
+
+    Args:
+      directory: the folder (created if needed).
+      params: the LoftQ-initialised (and trained) params: LoRA weights on quantized bases.
+      config: the model's config (:func:`lora_jax.models.export_hf.export_merged_hf`).
+      tokenizer: saved with the base when given.
+      model_kind: ``"llama"`` or ``"bert"``.
+
+    Returns:
+      ``(base folder, adapter folder)``.
+
+    Raises:
+      CheckpointError: what :func:`~lora_jax.models.export_hf.export_merged_hf` and
+        :func:`~lora_jax.io.peft.export_peft` raise (e.g. a node PEFT cannot hold).
+    """
+    directory = Path(directory)
+    base, adapter = directory / "base", directory / "adapter"
+    _export_hf.export_merged_hf(base, strip_adapters(params), config, tokenizer)
+    _peft.export_peft(adapter, params, base_model_name_or_path=str(base), model_kind=model_kind)
+    return base, adapter
