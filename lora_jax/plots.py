@@ -187,7 +187,7 @@ def cost_vs_rank(rows, out_dir: Path, written: list[Path]) -> None:
     m_ranks, m_mean, _ = _by_rank(rows, "peak_rss_mb")  # rows may lack one of the two columns
     if not ranks:
         return
-    fig = Figure(figsize=(8.4, 3.2))
+    fig = Figure(figsize=(8.4, 3.2), layout="constrained")  # keeps the right panel's y label off the left panel
     a1, a2 = fig.subplots(1, 2)
     a1.errorbar(ranks, t_mean, yerr=[s or 0 for s in t_std], fmt="o-", capsize=3)
     _reference_lines(a1, rows, "step_time_s")
@@ -281,7 +281,7 @@ def quant_formats(rows, out_dir: Path, written: list[Path]) -> None:
     if len(groups) < 2 or not any(k.startswith("QLoRA") for k in groups):
         return
     names = sorted(groups, key=lambda k: (k != "fp32 LoRA", k))
-    fig = Figure(figsize=(8.4, 3.2))
+    fig = Figure(figsize=(8.4, 3.2), layout="constrained")
     a1, a2 = fig.subplots(1, 2)
     for ax, col, label in ((a1, "val_loss", METRICS["val_loss"][0]), (a2, "base_bytes", "base weights (MB)")):
         stats = [_mean_std([r.get(col) for r in groups[n]]) for n in names]
