@@ -123,9 +123,9 @@ def rslora() -> list[Quote]:
             ratio = [float(by[scaling, top, s][col]) / float(by[scaling, 1, s][col]) for s in seeds]
             out.append(Quote("rslora", f"{scaling}: {what} r={top} / r=1", f, pm(ratio, lambda x: f"{x:.3f}")))
         for rank in (1, top):
-            d = [float(by[scaling, rank, s]["loss_after_adam"]) - float(by[scaling, rank, s]["loss0"]) for s in seeds]
-            out.append(Quote("rslora", f"{scaling}: loss change of the first Adam step, r={rank}", f,
-                             pm(d, lambda x: f"{x:.4f}")))
+            d = [float(by[scaling, rank, s]["adam_dloss_linear"]) for s in seeds]
+            out.append(Quote("rslora", f"{scaling}: first-order loss change <G, dW> of the first Adam step, r={rank}",
+                             f, pm(d, lambda x: f"{x:.4f}")))
     out.append(Quote("rslora", "seeds", f, f"{len(seeds)} seeds"))
     return out
 
