@@ -122,10 +122,11 @@ def rslora() -> list[Quote]:
         for col, what in (("grad_b_norm", "||dL/dB|| ratio"), ("adam_dw_norm", "||dW_Adam|| ratio")):
             ratio = [float(by[scaling, top, s][col]) / float(by[scaling, 1, s][col]) for s in seeds]
             out.append(Quote("rslora", f"{scaling}: {what} r={top} / r=1", f, pm(ratio, lambda x: f"{x:.3f}")))
-        for rank in (1, top):
-            d = [float(by[scaling, rank, s]["adam_dloss_linear"]) for s in seeds]
-            out.append(Quote("rslora", f"{scaling}: first-order loss change <G, dW> of the first Adam step, r={rank}",
-                             f, pm(d, lambda x: f"{x:.4f}")))
+        for opt in ("adam", "sgd"):
+            for rank in (1, top):
+                d = [float(by[scaling, rank, s][f"{opt}_dloss_linear"]) for s in seeds]
+                out.append(Quote("rslora", f"{scaling}: first-order loss change <G, dW>, first {opt} step, r={rank}",
+                                 f, pm(d, lambda x: f"{x:.4f}")))
     out.append(Quote("rslora", "seeds", f, f"{len(seeds)} seeds"))
     return out
 
