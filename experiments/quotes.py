@@ -72,7 +72,9 @@ def subspace() -> list[Quote]:
                       f"{sum(p > 0.5 for p in phi)}/{len(phi)}"),
                 Quote("subspace_similarity", f"{proj} mean phi(1,1) of the initial A's", f,
                       f"{statistics.fmean(init):.3f}")]
-    return out
+    fr = "rank_plateau/results/results.csv"  # the r = 8 and r = 64 runs whose adapters were compared
+    seeds = {r["seed"] for r in rows(fr) if r["run"] in ("lora_r8", "lora_r64")}
+    return out + [Quote("subspace_similarity", "seeds of the r = 8 and r = 64 runs", fr, f"{len(seeds)} seed")]
 
 
 def summarization() -> list[Quote]:
@@ -121,7 +123,7 @@ def rslora() -> list[Quote]:
     for scaling in ("alpha/r", "alpha/sqrt(r)"):
         for col, what in (("grad_b_norm", "||dL/dB|| ratio"), ("adam_dw_norm", "||dW_Adam|| ratio")):
             ratio = [float(by[scaling, top, s][col]) / float(by[scaling, 1, s][col]) for s in seeds]
-            out.append(Quote("rslora", f"{scaling}: {what} r={top} / r=1", f, pm(ratio, lambda x: f"{x:.3f}")))
+            out.append(Quote("rslora", f"{scaling}: {what} r={top} / r=1", f, pm(ratio, lambda x: f"{x:.3g}")))
         for opt in ("adam", "sgd"):
             for rank in (1, top):
                 d = [float(by[scaling, rank, s][f"{opt}_dloss_linear"]) for s in seeds]

@@ -51,7 +51,7 @@ def main(sweep_dir: Path) -> int:
     xs = range(2)
     # One bar per (source, method), each with its own legend entry, so every swatch matches a bar.
     for x, m in enumerate(("lora", "full")):
-        a2.bar(x - 0.18, paper[m], width=0.36, color="0.75", label="tutorial: FLAN-T5-base, DialogSum" if x else None)
+        a2.bar(x - 0.18, paper[m], width=0.36, color="0.75", label=None if x else "tutorial: FLAN-T5-base, DialogSum")
         a2.bar(x + 0.18, gains.get(m, 0), width=0.36, color=COLORS[m], label=f"ours, {LABELS[m]}: SmolLM2-135M")
         a2.text(x - 0.18, paper[m] + 0.004, f"+{paper[m]:.3f}", ha="center", fontsize=8)
         a2.text(x + 0.18, gains.get(m, 0) + 0.004, f"+{gains.get(m, 0):.3f}", ha="center", fontsize=8)
@@ -64,15 +64,13 @@ def main(sweep_dir: Path) -> int:
 
     # Training loss is per batch (noisy, and not comparable with a validation loss): draw it alone, and the
     # validation losses as points at the last step, each marked as such.
-    for m in methods:
-        if m == "base":
-            continue
+    for k, m in enumerate(m for m in methods if m != "base"):
         path = sweep_dir / rows[m]["run"] / "metrics.jsonl"
         pts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         steps = [p["step"] for p in pts if "loss" in p]
         a3.plot(steps, [p["loss"] for p in pts if "loss" in p], color=COLORS[m], lw=1,
                 label=f"{LABELS[m]}: train (batch)")
-        a3.plot([steps[-1]], [float(rows[m]["val_loss"])], "D", color=COLORS[m], ms=6,
+        a3.plot([steps[-1] + 2 * k], [float(rows[m]["val_loss"])], "D", color=COLORS[m], ms=6,  # side by side
                 label=f"{LABELS[m]}: validation {float(rows[m]['val_loss']):.3f}")
     a3.set_xlabel("optimizer step (4 x 128 tokens)")
     a3.set_ylabel("loss on summary tokens (nats/token)")
