@@ -159,3 +159,43 @@ def test_new_experiments_record_commit_and_config_hash_before_computing():
         assert re.fullmatch(r"[0-9a-f]{40}", info["commit"]), folder
         digest = hashlib.sha256(json.dumps(info["config"], sort_keys=True).encode()).hexdigest()
         assert info["config_hash"] == digest, folder
+
+
+def _table_rows(readme: Path, first_cells: set[str]) -> dict[str, list[str]]:
+    out = {}
+    for line in readme.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if cells and cells[0] in first_cells:
+            out[cells[0]] = cells
+    return out
+
+
+def _mean_pm_std(mean: float, std: float) -> str:
+    d = 3 if abs(mean) >= 0.1 else 4
+    return f"{mean:.{d}f} ± {std:.{d}f}"
+
+
+def test_rslora_readme_table_is_its_summary_csv():
+    summary = {(r["scaling"], r["rank"]): r for r in quotes.rows("rslora_gradient_scale/summary.csv")}
+    table = _table_rows(EXPERIMENTS / "rslora_gradient_scale/README.md", {"1", "16", "256"})
+    assert sorted(table) == ["1", "16", "256"]
+    for rank, cells in table.items():
+        want = [_mean_pm_std(float(summary[s, rank][f"{m}_mean"]), float(summary[s, rank][f"{m}_std"]))
+                for m in ("grad_b_norm", "adam_dw_norm") for s in ("alpha/r", "alpha/sqrt(r)")]
+        assert cells[1:] == want, rank
+
+
+def test_loftq_pissa_readme_table_is_its_summary_csv():
+    summary = {r["init"]: r for r in quotes.rows("loftq_pissa_init/summary.csv")}
+    names = {"QLoRA": "qlora", "LoftQ, T = 1": "loftq_T1", "QPiSSA (full SVD)": "qpissa",
+             "QPiSSA, niter = 4 (3 seeds)": "qpissa_niter4"}
+    table = _table_rows(EXPERIMENTS / "loftq_pissa_init/README.md", set(names))
+    assert set(table) == set(names)
+    for label, cells in table.items():
+        s = summary[names[label]]
+        assert cells[1] == f"{float(s['median_rel_error']):.4f}", label
+        if names[label] != "qlora":
+            q = [float(s[k]) for k in ("median_ratio_to_qlora", "q1_ratio_to_qlora", "q3_ratio_to_qlora")]
+            assert cells[2] == f"{q[0]:.3f} ({q[1]:.3f}-{q[2]:.3f})", label
+        ppl = f"{float(s['ppl_mean']):.2f}" + (f" ± {float(s['ppl_std']):.2f}" if int(s["n_seeds"]) > 1 else "")
+        assert cells[4] == ppl, label
