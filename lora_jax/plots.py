@@ -127,6 +127,16 @@ def _by_rank(rows, metric, method="lora"):
     return ranks, [m for m, _ in stats], [s for _, s in stats]
 
 
+def seeds_label(rows, metric: str, method: str) -> str:
+    """``"1 seed, no band"`` or ``"mean of n seeds, band: 1 std"``, n the fewest runs behind any point of a curve."""
+    counts = defaultdict(int)
+    for r in rows:
+        if r.get("method") == method and r.get("rank") is not None and r.get(metric) is not None:
+            counts[int(r["rank"])] += 1
+    n = min(counts.values(), default=0)
+    return "1 seed, no band" if n <= 1 else f"mean of {n} seeds, band: 1 std"
+
+
 def _reference_lines(ax, rows, metric):
     styles = {"base": ("base model", "0.4", "--"), "full": ("full fine-tuning", "tab:red", ":")}
     for method, (label, color, ls) in styles.items():
@@ -153,7 +163,8 @@ def metric_vs_rank(rows, out_dir: Path, written: list[Path]) -> None:
                 continue
             fig = Figure(figsize=(4.8, 3.4))
             ax = fig.subplots()
-            ax.plot(ranks, means, "o-", color="tab:blue", label=method.upper() if method == "qlora" else "LoRA")
+            name = method.upper() if method == "qlora" else "LoRA"
+            ax.plot(ranks, means, "o-", color="tab:blue", label=f"{name} ({seeds_label(rows, metric, method)})")
             lo = [m - (s or 0) for m, s in zip(means, stds)]
             hi = [m + (s or 0) for m, s in zip(means, stds)]
             ax.fill_between(ranks, lo, hi, color="tab:blue", alpha=0.2, lw=0)

@@ -100,3 +100,14 @@ def test_two_panel_cost_figure_keeps_the_right_panels_label_off_the_left_panel(t
     label = right.yaxis.label.get_window_extent(renderer)
     assert not label.overlaps(left.get_tightbbox(renderer))
     assert not any(label.overlaps(t.get_window_extent(renderer)) for t in right.get_yticklabels() if t.get_text())
+
+
+def test_rank_curves_say_how_many_seeds_stand_behind_each_point():
+    from lora_jax import plots
+
+    one = [{"method": "lora", "rank": r, "seed": 0, "val_loss": 2.0} for r in (1, 4)]
+    three = [{**x, "seed": s} for x in one for s in (0, 1, 2)]
+    assert plots.seeds_label(one, "val_loss", "lora") == "1 seed, no band"
+    assert plots.seeds_label(three, "val_loss", "lora") == "mean of 3 seeds, band: 1 std"
+    assert plots.seeds_label(three + [{"method": "lora", "rank": 16, "seed": 0, "val_loss": 2.0}], "val_loss",
+                             "lora") == "1 seed, no band"  # the fewest seeds of any point
