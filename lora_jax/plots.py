@@ -127,6 +127,16 @@ def _by_rank(rows, metric, method="lora"):
     return ranks, [m for m, _ in stats], [s for _, s in stats]
 
 
+def seeds_label(rows, metric: str, method: str) -> str:
+    """``"1 seed, no band"`` or ``"mean of n seeds, band: 1 std"``, n the fewest runs behind any point of a curve."""
+    counts = defaultdict(int)
+    for r in rows:
+        if r.get("method") == method and r.get("rank") is not None and r.get(metric) is not None:
+            counts[int(r["rank"])] += 1
+    n = min(counts.values(), default=0)
+    return "1 seed, no band" if n <= 1 else f"mean of {n} seeds, band: 1 std"
+
+
 def _reference_lines(ax, rows, metric):
     styles = {"base": ("base model", "0.4", "--"), "full": ("full fine-tuning", "tab:red", ":")}
     for method, (label, color, ls) in styles.items():
@@ -153,7 +163,8 @@ def metric_vs_rank(rows, out_dir: Path, written: list[Path]) -> None:
                 continue
             fig = Figure(figsize=(4.8, 3.4))
             ax = fig.subplots()
-            ax.plot(ranks, means, "o-", color="tab:blue", label=method.upper() if method == "qlora" else "LoRA")
+            name = method.upper() if method == "qlora" else "LoRA"
+            ax.plot(ranks, means, "o-", color="tab:blue", label=f"{name} ({seeds_label(rows, metric, method)})")
             lo = [m - (s or 0) for m, s in zip(means, stds)]
             hi = [m + (s or 0) for m, s in zip(means, stds)]
             ax.fill_between(ranks, lo, hi, color="tab:blue", alpha=0.2, lw=0)
@@ -187,7 +198,7 @@ def cost_vs_rank(rows, out_dir: Path, written: list[Path]) -> None:
     m_ranks, m_mean, _ = _by_rank(rows, "peak_rss_mb")  # rows may lack one of the two columns
     if not ranks:
         return
-    fig = Figure(figsize=(8.4, 3.2))
+    fig = Figure(figsize=(8.4, 3.2), layout="constrained")  # keeps the right panel's y label off the left panel
     a1, a2 = fig.subplots(1, 2)
     a1.errorbar(ranks, t_mean, yerr=[s or 0 for s in t_std], fmt="o-", capsize=3)
     _reference_lines(a1, rows, "step_time_s")
@@ -281,7 +292,7 @@ def quant_formats(rows, out_dir: Path, written: list[Path]) -> None:
     if len(groups) < 2 or not any(k.startswith("QLoRA") for k in groups):
         return
     names = sorted(groups, key=lambda k: (k != "fp32 LoRA", k))
-    fig = Figure(figsize=(8.4, 3.2))
+    fig = Figure(figsize=(8.4, 3.2), layout="constrained")
     a1, a2 = fig.subplots(1, 2)
     for ax, col, label in ((a1, "val_loss", METRICS["val_loss"][0]), (a2, "base_bytes", "base weights (MB)")):
         stats = [_mean_std([r.get(col) for r in groups[n]]) for n in names]

@@ -81,3 +81,33 @@ def test_a_damaged_results_csv_names_the_problem(tmp_path, edit, message):
     with pytest.raises(DataError, match=re.escape(message)):
         plots.make_all(sweep)
     assert not (sweep / "figures").exists()
+
+
+def test_two_panel_cost_figure_keeps_the_right_panels_label_off_the_left_panel(tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from lora_jax import plots
+
+    rows = [{"run": f"lora_r{r}", "method": "lora", "rank": r, "seed": 0, "status": "finished",
+             "step_time_s": 1.9 + 0.01 * r, "peak_rss_mb": 2100.0 + 30 * r} for r in (1, 2, 4, 8, 16, 64)]
+    figs = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, out_dir, name, written: figs.setdefault(name, fig))
+    plots.cost_vs_rank(rows, tmp_path, [])
+    fig = figs["cost_vs_rank"]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    left, right = fig.axes
+    label = right.yaxis.label.get_window_extent(renderer)
+    assert not label.overlaps(left.get_tightbbox(renderer))
+    assert not any(label.overlaps(t.get_window_extent(renderer)) for t in right.get_yticklabels() if t.get_text())
+
+
+def test_rank_curves_say_how_many_seeds_stand_behind_each_point():
+    from lora_jax import plots
+
+    one = [{"method": "lora", "rank": r, "seed": 0, "val_loss": 2.0} for r in (1, 4)]
+    three = [{**x, "seed": s} for x in one for s in (0, 1, 2)]
+    assert plots.seeds_label(one, "val_loss", "lora") == "1 seed, no band"
+    assert plots.seeds_label(three, "val_loss", "lora") == "mean of 3 seeds, band: 1 std"
+    assert plots.seeds_label(three + [{"method": "lora", "rank": 16, "seed": 0, "val_loss": 2.0}], "val_loss",
+                             "lora") == "1 seed, no band"  # the fewest seeds of any point

@@ -18,6 +18,7 @@ validation topics.
 
     python experiments/quantization_error/quant_error.py            # ~2 min on 2 CPU cores
     python experiments/quantization_error/quant_error.py --no-ppl   # errors only (~1 min)
+    python experiments/quantization_error/quant_error.py --bits-only  # only the bits column, from the shapes
 
 Writes ``results.csv`` (errors), ``perplexity.csv`` and ``figures/quant_error.{png,pdf}``
 next to this file. Double quantization is off everywhere except the one row
@@ -51,13 +52,6 @@ BLOCKS = (32, 64, 128, 256, None)  # None: one block per output channel
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def bits_per_param(fmt: str, bs: int, d_in: int, double_quant: bool = False) -> float:
-    """Storage bits per weight: the codes plus fp32 scales (and offsets for int4_asym)."""
-    per_block = 8 if double_quant else 32
-    extra = per_block + (32 if fmt == "int4_asym" else 0)
-    return quant.BITS[fmt] + extra / (bs or d_in)
-
-
 def projections(params) -> list[tuple[str, np.ndarray]]:
     out = []
     for i, layer in enumerate(params["layers"]):
@@ -67,25 +61,42 @@ def projections(params) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-_CACHE: dict[tuple, tuple[float, float, float, float]] = {}
+_CACHE: dict[tuple, tuple[float, float, float, float, quant.Footprint]] = {}
 
 
-def _matrix_error(name: str, w: np.ndarray, fmt: str, bs: int | None, dq: bool) -> tuple[float, float, float, float]:
+def _matrix_error(name: str, w: np.ndarray, fmt: str, bs: int | None, dq: bool):
     key = (name, fmt, bs, dq)
     if key not in _CACHE:
-        q = np.asarray(quant.quantize_weight(jnp.asarray(w), fmt, block_size=bs, double_quant=dq).dequantize(),
-                       np.float64)
+        qt = quant.quantize_weight(jnp.asarray(w), fmt, block_size=bs, double_quant=dq)
+        q = np.asarray(qt.dequantize(), np.float64)
         w64 = w.astype(np.float64)
         d = q - w64
         m = float(np.max(np.abs(d)))
-        _CACHE[key] = (float(np.sum(d * d)), float(np.sum(w64 * w64)), m, m / float(np.max(np.abs(w64))))
+        _CACHE[key] = (float(np.sum(d * d)), float(np.sum(w64 * w64)), m, m / float(np.max(np.abs(w64))),
+                       quant.footprint({"w": qt}))
     return _CACHE[key]
 
 
 def quant_error(mats: list[tuple[str, np.ndarray]], fmt: str, bs: int | None, dq: bool = False) -> dict:
+    """Pooled errors of one scope, and its storage bits per weight as :func:`lora_jax.quant.footprint` counts them.
+
+    The footprint counts the codes, the block scales, the offsets (int4_asym) and, with double quantization, the
+    int8 scales plus their fp32 second-level scales (one per 256 output columns and block).
+    """
     errs = [_matrix_error(n, w, fmt, bs, dq) for n, w in mats]
-    return {"rel_mse": sum(e[0] for e in errs) / sum(e[1] for e in errs), "max_abs_err": max(e[2] for e in errs),
-            "rel_max_err": float(np.mean([e[3] for e in errs])), "n_matrices": len(mats)}
+    fp = quant.Footprint(sum(e[4].n_params for e in errs), sum(e[4].nbytes for e in errs),
+                         sum(e[4].constant_bytes for e in errs))
+    return {"bits_per_param": round(fp.bits_per_param, 4), "rel_mse": sum(e[0] for e in errs) / sum(e[1] for e in errs),
+            "max_abs_err": max(e[2] for e in errs), "rel_max_err": float(np.mean([e[3] for e in errs])),
+            "n_matrices": len(mats)}
+
+
+def footprint_bits(mats: list[tuple[str, np.ndarray]], fmt: str, bs: int | None, dq: bool) -> float:
+    """Bits per weight of a scope from the shapes alone (``jax.eval_shape`` of the quantizer, then its footprint)."""
+    quantize = lambda x: {"w": quant.quantize_weight(x, fmt, block_size=bs, double_quant=dq)}  # noqa: E731
+    fps = [quant.footprint(jax.eval_shape(quantize, jax.ShapeDtypeStruct(w.shape, np.float32))) for _, w in mats]
+    return quant.Footprint(sum(f.n_params for f in fps), sum(f.nbytes for f in fps),
+                           sum(f.constant_bytes for f in fps)).bits_per_param
 
 
 def requantized(params, fmt: str, bs: int | None, dq: bool = False):
@@ -109,6 +120,8 @@ def main() -> int:
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--plot-only", action="store_true", help="redraw the figure from results.csv")
+    ap.add_argument("--bits-only", action="store_true",
+                    help="recompute only the bits_per_param column of results.csv (shapes only, no quantization)")
     args = ap.parse_args()
     if args.plot_only:
         with open(args.out / "results.csv", newline="") as f:
@@ -122,15 +135,23 @@ def main() -> int:
     gauss = [("normal(1536,1536)", rng.standard_normal((1536, 1536)).astype(np.float32))]
 
     rows = []
+    if args.bits_only:
+        with open(args.out / "results.csv", newline="") as f:
+            stored = {(r["source"], r["scope"], r["format"], r["block_size"]): r for r in csv.DictReader(f)}
 
     def add(source, scope, sel, fmt, bs, dq=False):
-        d_in = sel[0][1].shape[0]
         if bs is not None and any(w.shape[0] % bs for _, w in sel):
             return
-        e = quant_error(sel, fmt, bs, dq)
+        if args.bits_only:  # the stored errors, with the bits the library's footprint gives for these shapes
+            e = {**stored[source, scope, fmt + ("+dq" if dq else ""), "per-channel" if bs is None else str(bs)]}
+            for k in ("source", "scope", "format", "block_size"):
+                e.pop(k)
+            e["bits_per_param"] = round(footprint_bits(sel, fmt, bs, dq), 4)
+            e["rel_mse"] = float(e["rel_mse"])  # for the figure; rewritten as stored (6 significant digits)
+        else:
+            e = quant_error(sel, fmt, bs, dq)
         rows.append({"source": source, "scope": scope, "format": fmt + ("+dq" if dq else ""),
-                     "block_size": "per-channel" if bs is None else bs,
-                     "bits_per_param": round(bits_per_param(fmt, bs, d_in, dq), 4), **e})
+                     "block_size": "per-channel" if bs is None else bs, **e})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     d576 = [(p, w) for p, w in mats if w.shape[0] == 576]
@@ -162,12 +183,12 @@ def main() -> int:
     t_err = time.time() - t_start
 
     ppl_rows = []
-    if not args.no_ppl:
+    if not (args.no_ppl or args.bits_only):
         from lora_jax import metrics
         from lora_jax.data import get_task
 
         task = get_task("python-docs-lm")
-        text = "\n\n".join(d.text for d in task._docs["val"])
+        text = "\n\n".join(d.text for d in task.examples("val"))
         ids = tok.encode(text)[: args.ppl_tokens]
         variants = [("fp32 (GGUF Q4_1 dequantized)", None, None, False)]
         variants += [(f"{f} block 64", f, 64, False) for f in FORMATS]
@@ -203,6 +224,7 @@ def plot(rows, out_dir: Path) -> None:
               ("normal", "N(0,1) 1536x1536", "N(0,1) reference")]
     blocks = ["32", "64", "128", "256", "per-channel"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+    below = []  # values under the axis floor, named in a note under the figure
     colors = {"nf4": "tab:blue", "fp4": "tab:orange", "int4": "tab:red", "int4_asym": "tab:purple", "int8": "tab:green"}
     for ax, (src, scope, title) in zip(axes, panels):
         for k, fmt in enumerate(FORMATS):
@@ -216,22 +238,25 @@ def plot(rows, out_dir: Path) -> None:
             floor = 1e-5
             ax.bar(xs, [max(y, floor) for y in ys], width=0.16, color=colors[fmt], label=fmt)
             for x, y in zip(xs, ys):
-                if y < floor:  # int4_asym at block 32 on the GGUF weights: their own Q4_1 grid
-                    ax.annotate(f"{y:.0e}\n(= Q4_1\ngrid)", (x, floor), xytext=(x, 3 * floor), ha="center",
-                                fontsize=6, color=colors[fmt])
+                if y < floor:  # int4_asym at block 32 on the GGUF weights: their own Q4_1 grid (see the note)
+                    ax.plot([x], [1.25 * floor], marker="v", color=colors[fmt], ms=6)
+                    below.append(y)
         if src == "smollm2" and "576" in scope:
-            for j in (2, 3):
-                ax.text(j, 2e-5, "does not\ndivide 576", ha="center", fontsize=7, color="0.4")
+            ax.text(2.5, 2e-5, "blocks 128 and 256\ndo not divide d_in = 576", ha="center", fontsize=7, color="0.4")
         ax.set_yscale("log")
         ax.set_ylim(1e-5, 5e-2)
         ax.set_xticks(range(len(blocks)))
-        ax.set_xticklabels(blocks)
+        ax.set_xticklabels([b.replace("-", "-\n") for b in blocks])
         ax.set_xlabel("block size (input rows per scale)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].set_ylabel("relative MSE  sum(dW^2)/sum(W^2)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, bbox_to_anchor=(0.5, -0.08))
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, bbox_to_anchor=(0.5, -0.19))
+    if below:
+        fig.text(0.5, -0.22, f"\u25bc int4_asym at block 32 on SmolLM2: relative MSE {max(below):.0e}, below the "
+                 "axis (the GGUF's weights already sit on that Q4_1 grid)", ha="center", fontsize=8,
+                 color=colors["int4_asym"])
     out_dir.mkdir(parents=True, exist_ok=True)
     for ext in ("png", "pdf"):
         fig.savefig(out_dir / f"quant_error.{ext}", dpi=130, bbox_inches="tight")

@@ -33,7 +33,7 @@ def main(sweep_dir: Path) -> int:
         rows = {r["method"]: r for r in csv.DictReader(f) if r["status"] == "finished"}
     methods = [m for m in ("base", "lora", "full") if m in rows]
     metrics = ("rouge1", "rouge2", "rougeL")
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw={"wspace": 0.35})
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.0), layout="constrained")
     w = 0.26
     for k, m in enumerate(methods):
         ys = [float(rows[m][x]) for x in metrics]
@@ -41,7 +41,7 @@ def main(sweep_dir: Path) -> int:
     a1.set_xticks(range(len(metrics)))
     a1.set_xticklabels(["ROUGE-1", "ROUGE-2", "ROUGE-L"])
     a1.set_ylabel("F1 (64 validation functions)")
-    a1.set_title("SmolLM2-135M, code summarization", fontsize=10)
+    a1.set_title("SmolLM2-135M, code summarization, 1 seed", fontsize=10)
     a1.set_ylim(0, 0.45)
     a1.legend(fontsize=7, ncol=3, loc="upper right")
     a1.grid(True, axis="y", alpha=0.3)
@@ -49,13 +49,12 @@ def main(sweep_dir: Path) -> int:
     gains = {m: float(rows[m]["rouge1"]) - float(rows["base"]["rouge1"]) for m in methods if m != "base"}
     paper = {m: TUTORIAL[m] - TUTORIAL["base"] for m in ("lora", "full")}
     xs = range(2)
-    a2.bar([x - 0.18 for x in xs], [paper["lora"], paper["full"]], width=0.36, color="0.75",
-           label="tutorial: FLAN-T5-base, DialogSum")
-    a2.bar([x + 0.18 for x in xs], [gains.get("lora", 0), gains.get("full", 0)], width=0.36,
-           color=[COLORS["lora"], COLORS["full"]], label="ours: SmolLM2-135M, stdlib docstrings")
-    for x, (p, o) in enumerate(((paper["lora"], gains.get("lora", 0)), (paper["full"], gains.get("full", 0)))):
-        a2.text(x - 0.18, p + 0.004, f"+{p:.3f}", ha="center", fontsize=8)
-        a2.text(x + 0.18, o + 0.004, f"+{o:.3f}", ha="center", fontsize=8)
+    # One bar per (source, method), each with its own legend entry, so every swatch matches a bar.
+    for x, m in enumerate(("lora", "full")):
+        a2.bar(x - 0.18, paper[m], width=0.36, color="0.75", label=None if x else "tutorial: FLAN-T5-base, DialogSum")
+        a2.bar(x + 0.18, gains.get(m, 0), width=0.36, color=COLORS[m], label=f"ours, {LABELS[m]}: SmolLM2-135M")
+        a2.text(x - 0.18, paper[m] + 0.004, f"+{paper[m]:.3f}", ha="center", fontsize=8)
+        a2.text(x + 0.18, gains.get(m, 0) + 0.004, f"+{gains.get(m, 0):.3f}", ha="center", fontsize=8)
     a2.set_xticks(list(xs))
     a2.set_xticklabels(["LoRA", "full fine-tuning"])
     a2.set_ylabel("ROUGE-1 gain over the base model")
@@ -63,17 +62,19 @@ def main(sweep_dir: Path) -> int:
     a2.legend(fontsize=7, loc="upper center")
     a2.grid(True, axis="y", alpha=0.3)
 
-    for m in methods:
-        if m == "base":
-            continue
+    # Training loss is per batch (noisy, and not comparable with a validation loss): draw it alone, and the
+    # validation losses as points at the last step, each marked as such.
+    for k, m in enumerate(m for m in methods if m != "base"):
         path = sweep_dir / rows[m]["run"] / "metrics.jsonl"
         pts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        a3.plot([p["step"] for p in pts if "loss" in p], [p["loss"] for p in pts if "loss" in p], color=COLORS[m],
-                label=f"{LABELS[m]} (val {float(rows[m]['val_loss']):.3f})")
-    a3.axhline(float(rows["base"]["val_loss"]), color=COLORS["base"], ls="--",
-               label=f"base val loss {float(rows['base']['val_loss']):.3f}")
+        steps = [p["step"] for p in pts if "loss" in p]
+        a3.plot(steps, [p["loss"] for p in pts if "loss" in p], color=COLORS[m], lw=1,
+                label=f"{LABELS[m]}: train (batch)")
+        a3.plot([steps[-1] + 2 * k], [float(rows[m]["val_loss"])], "D", color=COLORS[m], ms=6,  # side by side
+                label=f"{LABELS[m]}: validation {float(rows[m]['val_loss']):.3f}")
     a3.set_xlabel("optimizer step (4 x 128 tokens)")
     a3.set_ylabel("loss on summary tokens (nats/token)")
+    a3.set_title(f"base model, validation: {float(rows['base']['val_loss']):.3f} (off this scale)", fontsize=9)
     a3.legend(fontsize=7)
     a3.grid(True, alpha=0.3)
     out = sweep_dir / "figures"
