@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -114,13 +115,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
     cfg = model_config(args.tiny)
-    result: dict = {"tiny": args.tiny, "jax": jax.__version__, "note": (
-        "measured on a 2-core machine shared with other jobs; ratios are interleaved medians")}
+    result: dict = {"tiny": args.tiny, "jax": jax.__version__, "cpus": os.cpu_count(),
+                    "load_avg_1m_start": round(os.getloadavg()[0], 2),
+                    "note": "ratios are interleaved medians; a load average above the CPU count means a shared machine"}
     if "step" not in args.skip:
         reps = args.reps or (2 if args.tiny else 7)
         result["step"] = step_costs(cfg, 16 if not args.tiny else 4, 4, 128 if not args.tiny else 16, reps)
     if "loftq" not in args.skip:
         result["loftq"] = loftq_errors(model_matrices(args.tiny), 16 if not args.tiny else 4, (1, 5))
+    result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
