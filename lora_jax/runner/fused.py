@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -52,7 +51,7 @@ from lora_jax import members as _members
 from lora_jax.io.files import atomic_write
 from lora_jax.runner import build as _build
 from lora_jax.runner.evaluate import generation_prompts, generation_scores, loss_metrics, val_batches
-from lora_jax.runner.loop import read_jsonl, step_times, stop_on_sigint
+from lora_jax.runner.loop import Cadence, restart_metrics, step_line, step_times, stop_on_sigint, sync
 from lora_jax.runner.sweep import finished_summary, run_one
 
 __all__ = ["FOLDER", "PER_MEMBER", "MemberResult", "bucket_label", "evaluate_members", "group_id", "group_key",
@@ -189,10 +188,9 @@ def _train_group(runs, sweep_dir: Path, *, quiet: bool, data_seed: int | None, f
     for cfg, path in zip(cfgs, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path.parent / "config.yaml", _config.to_yaml(cfg))
-        kept.append(read_jsonl(path, max_step=start))
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept[-1]))
+        kept.append(restart_metrics(path, start))
     tok = bs * cfg0.task.max_len
-    every = cfg0.train.checkpoint_every or steps
+    cadence = Cadence.of(cfg0.train)
     times, first, last = [], [], [None] * K
     bar = None if quiet else _progress(steps, f"fused {gid} ({K} runs)", start)
     with contextlib.ExitStack() as files, stop_on_sigint() as stop:
@@ -213,7 +211,7 @@ def _train_group(runs, sweep_dir: Path, *, quiet: bool, data_seed: int | None, f
             done = step + 1
             (times if step > start else first).append(dt)
             ev = None
-            if cfg0.train.eval_every and done % cfg0.train.eval_every == 0 and done < steps:
+            if cadence.evaluate(done):
                 ev = evaluate_members(ctxs, members._replace(trainable=state.trainable, frozen=state.frozen),
                                       list(range(K)))
             for k, name in enumerate(names):
@@ -223,18 +221,13 @@ def _train_group(runs, sweep_dir: Path, *, quiet: bool, data_seed: int | None, f
                     failed[name] = f"loss became {float(losses[k])} at step {done}"
                     continue
                 last[k] = float(losses[k])
-                rec = {"step": done, "loss": last[k], "lr": float(lrs[k, step]), "grad_norm": float(norms[k]),
-                       "tokens_per_s": tok / dt, "time_s": dt}
-                if step == start:
-                    rec["includes_compile"] = True
+                rec = step_line(done, last[k], float(lrs[k, step]), float(norms[k]), tok, dt, compiled=step == start)
                 if ev is not None:
                     rec.update({key: v for key, v in ev[k].items() if key != "samples"})
-                if done % max(1, cfg0.train.log_every) == 0 or done == steps or ev is not None:
+                if cadence.log(done, evaluated=ev is not None):
                     mfs[k].write(json.dumps(rec) + "\n")
-            if done % every == 0 or done == steps or stop.requested:
-                for f in mfs:  # the lines up to this step reach the disk before the checkpoint that makes them final
-                    f.flush()
-                    os.fsync(f.fileno())
+            if cadence.checkpoint(done, stopping=stop.requested):
+                sync(*mfs)
                 ckpt.save_train_state(ckpt_dir, state, base_id=base_id, extra={"data_step": done, "failed": failed})
             if bar is not None:
                 bar.update(1)
