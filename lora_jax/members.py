@@ -5,11 +5,14 @@ frozen (possibly quantized) base. Their factors are stacked along a leading
 member axis, ``A (K, *lead, d_in, r_max)`` and ``B (K, *lead, r_max, d_out)``;
 member ``k`` uses the first ``ranks[k]`` columns of ``A`` and rows of ``B``
 (the rest are masked in the forward pass, get exactly zero updates and stay
-zero), and its own scale, learning rate, weight decay, seed and batches, all
-traced values, so one compiled step serves the whole grid. The step is
-``jax.vmap`` over the member axis of the trainable tree, the optimizer state,
-the keys, the hyperparameters and the batches, with the frozen base
-unmapped: it is read (and dequantized) once per step for all members.
+zero), and its own scale, learning rate, weight decay, adapter dropout rate,
+seed and batches, all traced values, so one compiled step serves the whole
+grid. The step is ``jax.vmap`` over the member axis of the trainable tree, the
+optimizer state, the keys, the hyperparameters and the batches, with the
+frozen base unmapped: it is read (and dequantized) once per step for all
+members. With ``shared_batch`` every member reads the same batch (unmapped
+too): the base's work that comes before the first adapter (the embedding, the
+first norm and the first projections' ``x @ W0``) is then done once for all.
 
 A member's forward tree (:func:`member_params`) is the ordinary LoRA tree of
 :mod:`lora_jax.lora` with scale 1 and the member's scale folded into its masked
@@ -46,8 +49,8 @@ from lora_jax.errors import LoraError
 from lora_jax.train import TrainState
 
 __all__ = [
-    "Hyper", "Members", "init_state", "make_fused_eval", "make_fused_step", "mask_factors", "member_params",
-    "rank_masks", "side_by_side", "stack", "unstack", "with_scale",
+    "Hyper", "Members", "hyper", "init_state", "make_fused_eval", "make_fused_step", "mask_factors",
+    "member_params", "rank_masks", "side_by_side", "stack", "unstack", "with_scale",
 ]
 
 PyTree = Any
@@ -63,12 +66,16 @@ class Members(NamedTuple):
       frozen: the shared frozen half (scale-1 LoRA nodes holding the base).
       ranks: ``(K,)`` int32, each member's true rank.
       scales: ``(K,)`` float32, each member's ``alpha / r`` (or ``alpha / sqrt(r)``).
+      dropouts: ``(K,)`` float32, each member's adapter dropout rate (the
+        stacked nodes' static ``dropout`` is 0: the fused step applies these as
+        traced values); ``None`` reads as no dropout.
     """
 
     trainable: PyTree
     frozen: PyTree
     ranks: jax.Array
     scales: jax.Array
+    dropouts: jax.Array | None = None
 
     @property
     def size(self) -> int:
@@ -81,18 +88,18 @@ class Members(NamedTuple):
         return int(np.max(np.asarray(self.ranks)))
 
 
-def with_scale(params: PyTree, scale: float) -> PyTree:
-    """Every LoRA node of ``params`` with its static scale set to ``scale``."""
-    return jax.tree.map(lambda x: dataclasses.replace(x, scale=scale) if _lora.is_lora(x) else x, params,
+def with_scale(params: PyTree, scale: float, **static: Any) -> PyTree:
+    """Every LoRA node of ``params`` with its static scale set to ``scale`` (and other static fields: ``dropout=``)."""
+    return jax.tree.map(lambda x: dataclasses.replace(x, scale=scale, **static) if _lora.is_lora(x) else x, params,
                         is_leaf=_lora.is_node)
 
 
-def _node_scale(params: PyTree, where: str) -> float:
-    scales = {float(n.scale) for _, n in _lora.nodes(params)}
-    if len(scales) != 1:
-        raise LoraError(f"{where}: a member's LoRA nodes must share one scale (one rule), got scales {sorted(scales)}; "
+def _node_value(params: PyTree, field: str, where: str) -> float:
+    values = {float(getattr(n, field)) for _, n in _lora.nodes(params)}
+    if len(values) != 1:
+        raise LoraError(f"{where}: a member's LoRA nodes must share one {field} (one rule), got {sorted(values)}; "
                         "stack members built from a single LoraRule each")
-    return scales.pop()
+    return values.pop()
 
 
 def _pad(node: _lora.LoraWeight, r_max: int) -> _lora.LoraWeight:
@@ -113,7 +120,8 @@ def stack(trees: Sequence[PyTree], *, r_max: int | None = None) -> Members:
 
     Returns:
       The members; a factor's columns (of ``A``) and rows (of ``B``) beyond a
-      member's rank are zero.
+      member's rank are zero. Each member's dropout rate moves from its nodes
+      (static) to :attr:`Members.dropouts` (traced in the fused step).
 
     Raises:
       LoraError: no tree, trees whose LoRA targets or settings differ, or ranks
@@ -121,7 +129,7 @@ def stack(trees: Sequence[PyTree], *, r_max: int | None = None) -> Members:
     """
     if not trees:
         raise LoraError("members.stack: no tree given; pass one LoRA params tree per member")
-    ranks, scales, halves = [], [], []
+    ranks, scales, dropouts, halves = [], [], [], []
     for k, tree in enumerate(trees):
         nodes = _lora.nodes(tree)
         if not nodes:
@@ -130,8 +138,9 @@ def stack(trees: Sequence[PyTree], *, r_max: int | None = None) -> Members:
         if len(rk) != 1:
             raise LoraError(f"members.stack: member {k} mixes ranks {sorted(rk)}; a member has one rank")
         ranks.append(rk.pop())
-        scales.append(_node_scale(tree, f"members.stack: member {k}"))
-        halves.append(_paths.split(with_scale(tree, 1.0)))
+        scales.append(_node_value(tree, "scale", f"members.stack: member {k}"))
+        dropouts.append(_node_value(tree, "dropout", f"members.stack: member {k}"))
+        halves.append(_paths.split(with_scale(tree, 1.0, dropout=0.0)))
     r_max = max(ranks) if r_max is None else int(r_max)
     if r_max < max(ranks):
         raise LoraError(f"members.stack: r_max={r_max} is below the largest member rank {max(ranks)}")
@@ -140,11 +149,12 @@ def stack(trees: Sequence[PyTree], *, r_max: int | None = None) -> Members:
     defs = [jax.tree.structure(t) for t in padded]
     for k, d in enumerate(defs[1:], 1):
         if d != defs[0]:
-            raise LoraError(f"members.stack: member {k}'s adapters differ from member 0's (targets, in_ndim, dropout "
-                            "or custom_vjp): members of one group share every LoRA setting except rank, alpha, "
-                            "init and seed")
+            raise LoraError(f"members.stack: member {k}'s adapters differ from member 0's (targets, in_ndim or "
+                            "custom_vjp): members of one group share every LoRA setting except rank, alpha, "
+                            "dropout, init and seed")
     trainable = jax.tree.map(lambda *xs: jnp.stack(xs), *padded)
-    return Members(trainable, halves[0][1], jnp.asarray(ranks, jnp.int32), jnp.asarray(scales, jnp.float32))
+    return Members(trainable, halves[0][1], jnp.asarray(ranks, jnp.int32), jnp.asarray(scales, jnp.float32),
+                   jnp.asarray(dropouts, jnp.float32))
 
 
 def rank_masks(rank: jax.Array, r_max: int) -> jax.Array:
@@ -182,8 +192,12 @@ def member_params(trainable: PyTree, frozen: PyTree, rank: jax.Array, scale: jax
     return jax.tree.map(lambda x: _masked(x, rank, scale) if _lora.is_lora(x) else x, params, is_leaf=_lora.is_node)
 
 
-def unstack(members: Members, k: int) -> PyTree:
-    """Member ``k`` as an ordinary LoRA params tree: its true rank, its own static scale.
+def unstack(members: Members, k: int, *, like: PyTree = None) -> PyTree:
+    """Member ``k`` as an ordinary LoRA params tree: its true rank, its own static scale and dropout.
+
+    The scale and dropout come from the float32 :attr:`Members.scales` and
+    :attr:`Members.dropouts`; ``like`` (member ``k``'s tree as given to
+    :func:`stack`) gives them exactly as that tree had them instead.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -196,6 +210,7 @@ def unstack(members: Members, k: int) -> PyTree:
     """
     r = int(members.ranks[k])
     scale = float(members.scales[k])
+    dropout = 0.0 if members.dropouts is None else float(members.dropouts[k])
 
     def cut(x):
         if not _lora.is_lora(x):
@@ -203,7 +218,13 @@ def unstack(members: Members, k: int) -> PyTree:
         return dataclasses.replace(x, lora_a=x.lora_a[k][..., :r], lora_b=x.lora_b[k][..., :r, :])
 
     mine = jax.tree.map(cut, members.trainable, is_leaf=_lora.is_node)
-    return with_scale(_paths.combine(mine, members.frozen), scale)
+    out = with_scale(_paths.combine(mine, members.frozen), scale, dropout=dropout)
+    if like is None:
+        return out
+    flat, treedef = jax.tree_util.tree_flatten(out, is_leaf=_lora.is_node)
+    given = jax.tree_util.tree_leaves(like, is_leaf=_lora.is_node)
+    return treedef.unflatten([dataclasses.replace(x, scale=g.scale, dropout=g.dropout) if _lora.is_lora(x) else x
+                              for x, g in zip(flat, given, strict=True)])
 
 
 # ----------------------------------------------------------------------------
@@ -211,12 +232,78 @@ def unstack(members: Members, k: int) -> PyTree:
 
 
 class Hyper(NamedTuple):
-    """The per-member hyperparameters of a fused step (each ``(K,)``; ``lr`` is this step's learning rate)."""
+    """The per-member hyperparameters of a fused step (each ``(K,)``; ``lr`` is this step's learning rate).
+
+    ``keep`` is each member's probability of keeping an adapter input,
+    ``1 - dropout`` (a member without dropout keeps all: 1.0); ``None``: no
+    member has dropout, and no dropout mask is drawn. :func:`hyper` fills it
+    from :attr:`Members.dropouts`.
+    """
 
     ranks: jax.Array
     scales: jax.Array
     lr: jax.Array
     weight_decay: jax.Array
+    keep: jax.Array | None = None
+
+
+def hyper(members: Members, lr: Any, weight_decay: Any) -> Hyper:
+    """The :class:`Hyper` of ``members`` at learning rates ``lr`` and weight decays ``weight_decay`` (each ``(K,)``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from lora_jax import lora
+      >>> t = [lora.init(jax.random.key(0), {"w": jnp.ones((4, 3))}, [lora.LoraRule(pattern="w", rank=2, dropout=d)])
+      ...      for d in (0.0, 0.25)]
+      >>> h = hyper(stack(t), [1e-3, 1e-3], [0.0, 0.0])
+      >>> h.keep.tolist(), hyper(stack(t[:1]), [1e-3], [0.0]).keep
+      ([1.0, 0.75], None)
+    """
+    rates = np.zeros(members.size) if members.dropouts is None else np.asarray(members.dropouts, np.float64)
+    keep = jnp.asarray((1.0 - rates).astype(np.float32)) if np.any(rates > 0) else None  # as 1 - rate in a run alone
+    return Hyper(members.ranks, members.scales, jnp.asarray(lr, jnp.float32), jnp.asarray(weight_decay, jnp.float32),
+                 keep)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class _TracedDropout(_lora.LoraWeight):
+    """A LoRA weight whose adapter dropout keeps each input with a traced probability ``keep`` (a fused member).
+
+    It draws what :class:`~lora_jax.lora.LoraWeight` draws with the static rate
+    ``1 - keep`` and the same key: ``bernoulli(key, keep)`` and ``x / keep``.
+    """
+
+    keep: Any = None
+
+    def tree_flatten_with_keys(self):
+        children, aux = super().tree_flatten_with_keys()
+        return (*children, (jax.tree_util.GetAttrKey("keep"), self.keep)), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = super().tree_unflatten(aux, children[:-1])
+        object.__setattr__(obj, "keep", children[-1])
+        return obj
+
+    def _adapter_input(self, x):
+        if self.dropout_key is None or self.keep is None:
+            return x
+        mask = jax.random.bernoulli(self.dropout_key, self.keep, x.shape)
+        return jnp.where(mask, x / self.keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+def _with_dropout(params: PyTree, keep: jax.Array | None, key: jax.Array) -> PyTree:
+    """:func:`lora_jax.lora.with_dropout_keys` with the traced ``keep``: each LoRA node the key a run alone gives it."""
+    if keep is None:
+        return params
+    flat, treedef = jax.tree_util.tree_flatten(params, is_leaf=_lora.is_node)
+
+    def traced(x, i):
+        fields = {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+        return _TracedDropout(**{**fields, "dropout_key": jax.random.fold_in(key, i), "keep": keep})
+
+    return treedef.unflatten([traced(x, i) if _lora.is_lora(x) else x for i, x in enumerate(flat)])
 
 
 def init_state(members: Members, keys: jax.Array, *, optimizer: str = "adamw",
@@ -243,7 +330,8 @@ def _adam(optimizer: str, betas) -> optax.GradientTransformation:
 
 
 def make_fused_step(loss_fn: Callable[[PyTree, Any], tuple[jax.Array, dict]], *, optimizer: str = "adamw",
-                    betas: tuple[float, float] = (0.9, 0.999), grad_clip: float | None = None):
+                    betas: tuple[float, float] = (0.9, 0.999), grad_clip: float | None = None,
+                    shared_batch: bool = False):
     """Build ``fused_step(state, hyper, batch) -> (state, metrics)``: one optimizer step of every member.
 
     Each member computes what its own run's optax chain computes
@@ -252,27 +340,33 @@ def make_fused_step(loss_fn: Callable[[PyTree, Any], tuple[jax.Array, dict]], *,
     ``+ wd_k * p``, then ``* -lr_k``; the updates beyond the member's rank are
     exact zeros. A member whose loss is not finite is marked failed (its
     ``failed_at`` set to this step) and keeps its previous factors from then on;
-    the others are not affected (no value crosses the member axis).
+    the others are not affected (no value crosses the member axis). Adapter
+    dropout draws, per member, the masks its run alone draws (same keys), at
+    the member's traced rate (``hyper.keep``): one compilation serves members
+    of any dropout rates.
 
     Args:
       loss_fn: ``(params, batch) -> (loss, aux)`` of one member's batch.
       optimizer: ``adamw``, ``adam`` or ``sgd``.
       betas: Adam's ``(b1, b2)``.
       grad_clip: global-norm clipping per member; ``None``: none.
+      shared_batch: every member reads the same ``batch`` (no member axis), so
+        the work on it before the first adapter is done once for all.
 
     Returns:
       ``fused_step`` (jit-compiled; ``fused_step.cache_size()`` counts its
-      compilations). ``batch`` leaves are ``(K, ...)``, ``hyper`` a :class:`Hyper`;
-      the metrics ``loss`` and ``grad_norm`` are ``(K,)``.
+      compilations). ``batch`` leaves are ``(K, ...)`` (``shared_batch``: as one
+      member's), ``hyper`` a :class:`Hyper` (see :func:`hyper`); the metrics
+      ``loss`` and ``grad_norm`` are ``(K,)``.
     """
     tx = _adam(optimizer, betas)
     traces = []
 
-    def one(t, adam, key, failed, rank, scale, lr, wd, frozen, step, batch):
+    def one(t, adam, key, failed, rank, scale, lr, wd, keep, frozen, step, batch):
         step_key = jax.random.fold_in(key, step)
 
         def objective(t):
-            params = _lora.with_dropout_keys(member_params(t, frozen, rank, scale), step_key)
+            params = _with_dropout(member_params(t, frozen, rank, scale), keep, step_key)
             return loss_fn(params, batch)
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(t)
@@ -292,9 +386,9 @@ def make_fused_step(loss_fn: Callable[[PyTree, Any], tuple[jax.Array, dict]], *,
     def update(trainable, opt_state, frozen, keys, step, hyper, batch):
         traces.append(None)
         adam, failed = opt_state
-        t, adam, failed, metrics = jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, None, None, 0))(
-            trainable, adam, keys, failed, hyper.ranks, hyper.scales, hyper.lr, hyper.weight_decay, frozen, step,
-            batch)
+        t, adam, failed, metrics = jax.vmap(one, in_axes=(0,) * 9 + (None, None, None if shared_batch else 0))(
+            trainable, adam, keys, failed, hyper.ranks, hyper.scales, hyper.lr, hyper.weight_decay, hyper.keep, frozen,
+            step, batch)
         return t, (adam, failed), step + 1, metrics
 
     update.__name__ = update.__qualname__ = "fused_train_step"  # its name in JAX's compilation log

@@ -52,13 +52,14 @@ def sweep(cfg: Path, out: Path, *extra) -> int:
 
 
 def test_a_fused_sweep_writes_what_the_runs_alone_write(tmp_path, tiny):
-    grid = {"lora.rank": [1, 4, 4], "seed": [0, 0, 1]}  # ranks and seeds, three runs (zip keeps the test short)
+    # ranks, seeds and dropout rates, three runs (zip keeps the test short)
+    grid = {"lora.rank": [1, 4, 4], "seed": [0, 0, 1], "lora.dropout": [0.0, 0.1, 0.0]}
     seq = write_config(tmp_path / "s.yaml", tiny, sweep=grid, sweep_mode="zip")
     fus = write_config(tmp_path / "f.yaml", tiny, sweep={**grid, "fused": True}, sweep_mode="zip")
     assert sweep(seq, tmp_path / "seq") == 0
     assert sweep(fus, tmp_path / "fus") == 0
     names = [n for n, _ in config.load_sweep(seq)]
-    assert names == ["lora_r1_s0", "lora_r4_s0", "lora_r4_s1"]
+    assert names == ["lora_drop0_r1_s0", "lora_drop0.1_r4_s0", "lora_drop0_r4_s1"]
     for name in names:
         a, b = summary(tmp_path / "seq", name), summary(tmp_path / "fus", name)
         for k in ("train_loss", "val_loss"):
@@ -76,6 +77,9 @@ def test_a_fused_sweep_writes_what_the_runs_alone_write(tmp_path, tiny):
         ranks = {e["rank"] for e in adapter["adapters"].values()}
         scales = {e["scale"] for e in adapter["adapters"].values()}
         assert ranks == {b["rank"]} and scales == {4 / b["rank"]}  # its true rank, not the group's padded one
+        ref = json.loads((tmp_path / "seq" / "t" / name / "adapter" / "lora_jax_adapter.json").read_text())
+        assert [{k: e[k] for k in ("rank", "scale", "dropout")} for e in adapter["adapters"].values()] == [
+            {k: e[k] for k in ("rank", "scale", "dropout")} for e in ref["adapters"].values()]
     assert not (tmp_path / "fus" / "t" / fused.FOLDER).exists()  # the group's checkpoints go once all are written
     # A second invocation skips the finished members.
     mtime = (tmp_path / "fus" / "t" / names[0] / "summary.json").stat().st_mtime_ns
@@ -129,6 +133,41 @@ def test_a_group_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_pat
         assert steps == list(range(1, 41)), "each step logged exactly once after the resume"
 
 
+def test_same_batches_member_of_the_shared_seed_equals_its_run_alone_and_the_data_order_is_recorded(tmp_path, tiny):
+    over = {"train.steps": 3, "task.n_eval_generate": 0, "train.checkpoint_every": 0}
+    alone = write_config(tmp_path / "a.yaml", tiny, **over)  # rank 2, seed 0
+    grid = {"lora.rank": [2, 4], "seed": [0, 1], "fused": True, "fused_batches": "same"}
+    group = write_config(tmp_path / "g.yaml", tiny, **over, sweep=grid, sweep_mode="zip")
+    assert sweep(alone, tmp_path / "alone") == 0 and sweep(group, tmp_path / "g") == 0
+    ref, first, second = summary(tmp_path / "alone", "lora"), summary(tmp_path / "g", "lora_r2_s0"), summary(
+        tmp_path / "g", "lora_r4_s1")
+    for k in ("train_loss", "val_loss"):
+        assert first[k] == pytest.approx(ref[k], rel=1e-4), k  # its seed is the shared data seed
+    for s in (first, second):
+        assert s["fused_group"]["batches"] == "same" and s["fused_group"]["data_seed"] == 0
+        assert s["fused_group"]["compilations"] == 1
+    # The same sweep with each member's own data order: the member of seed 0 trained on its own order already and
+    # is kept; the member of seed 1 did not, and trains again (alone, the only one left), now on seed 1's order.
+    kept = (tmp_path / "g" / "t" / "lora_r2_s0" / "summary.json").stat().st_mtime_ns
+    assert sweep(group, tmp_path / "g", "--set", "sweep.fused_batches=own") == 0
+    assert (tmp_path / "g" / "t" / "lora_r2_s0" / "summary.json").stat().st_mtime_ns == kept
+    again = summary(tmp_path / "g", "lora_r4_s1")
+    assert again.get("fused_group") is None and again["train_loss"] != second["train_loss"]
+
+
+def test_a_finished_run_counts_only_for_the_data_order_it_trained_on(tmp_path, tiny):
+    from lora_jax.runner.sweep import finished_summary
+
+    (name, cfg), = config.load_sweep(write_config(tmp_path / "c.yaml", tiny, seed=1))
+    run = tmp_path / "run"
+    run.mkdir()
+    s = {"status": "finished", "seed": 1, "config_hash": config.config_hash(cfg)}
+    (run / "summary.json").write_text(json.dumps(s))
+    assert finished_summary(run, cfg) is not None and finished_summary(run, cfg, data_seed=0) is None
+    (run / "summary.json").write_text(json.dumps({**s, "fused_group": {"batches": "same", "data_seed": 0}}))
+    assert finished_summary(run, cfg) is None and finished_summary(run, cfg, data_seed=0) is not None
+
+
 def test_groups_are_the_runs_that_differ_only_in_per_member_keys(tmp_path, tiny):
     cfg = write_config(tmp_path / "c.yaml", tiny,
                        sweep={"method": ["base", "lora", "qlora"], "lora.rank": [1, 2], "optim.lr": [1e-3, 3e-3]})
@@ -140,6 +179,22 @@ def test_groups_are_the_runs_that_differ_only_in_per_member_keys(tmp_path, tiny)
     ]
     steps = write_config(tmp_path / "d.yaml", tiny, sweep={"train.steps": [2, 3]})
     assert all(len(u) == 1 for u in fused.group_runs(config.load_sweep(steps)))
+    drop = write_config(tmp_path / "e.yaml", tiny, sweep={"lora.dropout": [0.0, 0.1], "lora.rank": [1, 2]})
+    assert len(fused.group_runs(config.load_sweep(drop))) == 1  # dropout is a traced per-member value
+
+
+def test_rank_buckets_make_one_group_per_bucket_and_plan_shows_them(tmp_path, tiny, capsys):
+    ranks = {"lora.rank": [1, 2, 3, 8, 12, 16]}
+    cfg = write_config(tmp_path / "c.yaml", tiny, sweep={**ranks, "fused": True, "rank_buckets": [2, 4, 8]})
+    units = fused.group_runs(config.load_sweep(cfg), rank_buckets=[2, 4, 8])
+    assert [[n for n, _ in u] for u in units] == [["lora_r1", "lora_r2"], ["lora_r3"], ["lora_r8"],
+                                                  ["lora_r12", "lora_r16"]]
+    assert len(fused.group_runs(config.load_sweep(cfg))) == 1  # without buckets: one group padded to 16
+    assert cli.main(["plan", str(cfg), "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "fused groups: 2 (each one compiled program), batches: own, rank buckets 2/4/8" in out
+    assert "2 runs, ranks 1/2 padded to 2 (bucket r<=2)" in out and "ranks 12/16 padded to 16 (bucket r>8)" in out
+    assert "trained alone: lora_r3 lora_r8" in out
 
 
 def test_plan_shows_the_fused_groups(tmp_path, tiny, capsys):
@@ -149,6 +204,9 @@ def test_plan_shows_the_fused_groups(tmp_path, tiny, capsys):
     assert "fused groups: 1" in out and "4 runs, ranks 1/1/4/4 padded to 4" in out
     rows = fused.plan_groups(config.load_sweep(cfg), compile_cost=True)
     assert rows[0]["step_args_mb"] > 0 and rows[0]["padded_rank"] == 4
+    same = fused.plan_groups(config.load_sweep(cfg), compile_cost=True, batches="same")
+    assert same[0]["batches"] == "same" and same[0]["group"] != rows[0]["group"]
+    assert same[0]["step_args_mb"] < rows[0]["step_args_mb"]  # one batch read instead of one per member
 
 
 def test_sweep_fused_must_be_a_bool_and_can_be_set_from_the_shell(tmp_path, tiny):
@@ -157,8 +215,16 @@ def test_sweep_fused_must_be_a_bool_and_can_be_set_from_the_shell(tmp_path, tiny
         config.load_sweep(bad)
     good = write_config(tmp_path / "d.yaml", tiny, sweep={"lora.rank": [1, 2]})
     raw = config.load_raw(good, ["sweep.fused=true"])
-    assert config.expand.sweep_options(raw) == {"fused": True}
+    assert config.expand.sweep_options(raw) == {"fused": True, "fused_batches": "own", "rank_buckets": ()}
     assert len(config.load_sweep(good, ["sweep.fused=true"])) == 2
+    raw = config.load_raw(good, ["sweep.fused_batches=same", "sweep.rank_buckets=[8, 16]"])
+    assert config.expand.sweep_options(raw) == {"fused": False, "fused_batches": "same", "rank_buckets": [8, 16]}
+    for over, words in [("sweep.fused_batches=shared", "sweep.fused_batches: must be own or same"),
+                        ("sweep.rank_buckets=[16, 8]", "sweep.rank_buckets: must be ranks >= 1 in ascending order"),
+                        ("sweep.rank_buckets=[0.5]", "sweep.rank_buckets: must be ranks >= 1"),
+                        ("sweep.rank_buckets=8", "sweep.rank_buckets: expected list")]:
+        with pytest.raises(ConfigError, match=words):
+            config.load_sweep(good, [over])
 
 
 def hand_adapter(model: Path, folder: Path, rank: int, seed: int) -> str:

@@ -1,4 +1,5 @@
-"""Stacked adapter members: a fused step computes what each run computes alone; masks; NaN; per-row adapters."""
+"""Stacked adapter members: a fused step computes what each run computes alone (ranks, seeds, dropout rates,
+shared batches); masks; NaN; per-row adapters."""
 
 import jax
 import jax.numpy as jnp
@@ -35,19 +36,22 @@ def batch_at(seed: int, step: int) -> dict:
 VAL = batch_at(99, 0)
 
 
-def adapted(base, rank: int, seed: int, alpha=8.0):
+def adapted(base, rank: int, seed: int, alpha=8.0, dropout=0.0):
     return lora.init(jax.random.fold_in(jax.random.key(seed), 1), base,
-                     [lora.LoraRule(pattern=TARGETS, rank=rank, alpha=alpha)])
+                     [lora.LoraRule(pattern=TARGETS, rank=rank, alpha=alpha, dropout=dropout)])
 
 
-def alone(params, seed: int, opt: OptimConfig, steps: int = STEPS, step_fn=None):
-    """The run trained by itself with the runner's optax chain: train losses, validation loss, params."""
+def alone(params, seed: int, opt: OptimConfig, steps: int = STEPS, step_fn=None, data_seed=None):
+    """The run trained by itself with the runner's optax chain: train losses, validation loss, params.
+
+    ``data_seed``: the seed of its data order (default: ``seed``, as the runner's runs have it).
+    """
     tx = build.make_optimizer(opt, steps)
     state = train.init_state(params, tx, jax.random.fold_in(jax.random.key(seed), 2))
     step_fn = step_fn or train.make_train_step(loss, tx)
     losses = []
     for i in range(steps):
-        state, m = step_fn(state, batch_at(seed, i))
+        state, m = step_fn(state, batch_at(seed if data_seed is None else data_seed, i))
         losses.append(float(m["loss"]))
     return np.array(losses), float(loss(state.params, VAL)[0]), state.params
 
@@ -55,46 +59,55 @@ def alone(params, seed: int, opt: OptimConfig, steps: int = STEPS, step_fn=None)
 FUSED_STEPS = {}  # one fused step per optimizer: groups of one shape share its compilation
 
 
-def fused(trees, seeds, opts, steps: int = STEPS, grad_clip=1.0, optimizer="adamw", tamper=None):
+def fused(trees, seeds, opts, steps: int = STEPS, grad_clip=1.0, optimizer="adamw", tamper=None, data_seed=None):
+    """The group trained as one; ``data_seed``: every member reads that seed's batches (``shared_batch``)."""
     m = members.stack(trees)
     keys = jnp.stack([jax.random.fold_in(jax.random.key(s), 2) for s in seeds])
     state = members.init_state(m, keys, optimizer=optimizer)
     if tamper is not None:
         state = state._replace(trainable=tamper(state.trainable))
-    if (optimizer, grad_clip) not in FUSED_STEPS:
-        FUSED_STEPS[optimizer, grad_clip] = members.make_fused_step(loss, optimizer=optimizer, grad_clip=grad_clip)
-    step = FUSED_STEPS[optimizer, grad_clip]
+    shared = data_seed is not None
+    if (optimizer, grad_clip, shared) not in FUSED_STEPS:
+        FUSED_STEPS[optimizer, grad_clip, shared] = members.make_fused_step(loss, optimizer=optimizer,
+                                                                            grad_clip=grad_clip, shared_batch=shared)
+    step = FUSED_STEPS[optimizer, grad_clip, shared]
     compiled = step.cache_size()
     scheds = [build.make_lr_schedule(o, steps) for o in opts]
-    wd = jnp.asarray([o.weight_decay for o in opts], jnp.float32)
+    wd = [o.weight_decay for o in opts]
     losses = []
     for i in range(steps):
-        b = jax.tree.map(lambda *xs: jnp.stack(xs), *[batch_at(s, i) for s in seeds])
-        lr = jnp.asarray([float(s(i)) for s in scheds], jnp.float32)
-        state, metrics = step(state, members.Hyper(m.ranks, m.scales, lr, wd), b)
+        if shared:
+            b = batch_at(data_seed, i)  # one batch, no member axis
+        else:
+            b = jax.tree.map(lambda *xs: jnp.stack(xs), *[batch_at(s, i) for s in seeds])
+        state, metrics = step(state, members.hyper(m, [float(s(i)) for s in scheds], wd), b)
         losses.append(np.asarray(metrics["loss"]))
-    final = members.Members(state.trainable, state.frozen, m.ranks, m.scales)
+    final = m._replace(trainable=state.trainable, frozen=state.frozen)
     return np.array(losses), final, state, step.cache_size() - compiled
 
 
-def check_equal_to_runs_alone(base, grid, opt):
-    trees = [adapted(base, r, s) for r, s in grid]
-    f_losses, final, _, compiled = fused(trees, [s for _, s in grid], [opt] * len(grid))
+def check_equal_to_runs_alone(base, grid, opt, steps: int = STEPS):
+    """Train ``grid`` (``(rank, seed)`` or ``(rank, seed, dropout)``) fused and each alone; return the fused losses."""
+    grid = [(*g, 0.0)[:3] for g in grid]
+    trees = [adapted(base, r, s, dropout=d) for r, s, d in grid]
+    f_losses, final, _, compiled = fused(trees, [s for _, s, _ in grid], [opt] * len(grid), steps=steps)
     assert compiled <= 1  # one compilation serves the grid, learning rates changing every step included
     for _, node in lora.nodes(final.trainable):  # padded positions start at zero and stay there
-        for k, (r, _) in enumerate(grid):
+        for k, (r, _, _) in enumerate(grid):
             assert not np.any(np.asarray(node.lora_a[k, :, r:])) and not np.any(np.asarray(node.lora_b[k, r:]))
     steps_by_rank = {}
-    for k, (r, s) in enumerate(grid):
-        tx = build.make_optimizer(opt, STEPS)
+    for k, (r, s, d) in enumerate(grid):
+        tx = build.make_optimizer(opt, steps)
         if r not in steps_by_rank:  # the runs of one rank share a compiled step (their optimizer is the same)
             steps_by_rank[r] = train.make_train_step(loss, tx)
-        losses, val, params = alone(trees[k], s, opt, step_fn=steps_by_rank[r])
+        losses, val, params = alone(trees[k], s, opt, steps=steps, step_fn=steps_by_rank[r])
         np.testing.assert_allclose(f_losses[:, k], losses, rtol=1e-4, err_msg=f"train loss of rank {r}, seed {s}")
-        mine = members.unstack(final, k)
+        mine = members.unstack(final, k, like=trees[k])
         node = lora.nodes(mine)[0][1]
         assert node.rank == r and node.scale == pytest.approx(8.0 / r)  # the true rank, the member's own scale
+        assert node.dropout == d and lora.nodes(members.unstack(final, k))[0][1].dropout == pytest.approx(d)
         assert float(loss(mine, VAL)[0]) == pytest.approx(val, rel=1e-4), (r, s)  # validation loss
+    return f_losses
 
 
 def test_each_member_ends_as_its_run_alone_ranks_1_4_16_seeds_0_1(base):
@@ -103,8 +116,36 @@ def test_each_member_ends_as_its_run_alone_ranks_1_4_16_seeds_0_1(base):
 
 
 def test_a_qlora_group_ends_as_its_runs_alone(base):
+    # member 0 with adapter dropout: its traced rate goes through the quantized base's fused matmul too
     qbase = quant.quantize(base, [quant.QuantRule(pattern=TARGETS, format="nf4", block_size=32)])
-    check_equal_to_runs_alone(qbase, [(1, 0), (4, 1)], OptimConfig(lr=3e-3, weight_decay=0.01))
+    check_equal_to_runs_alone(qbase, [(1, 0, 0.1), (4, 1)], OptimConfig(lr=3e-3, weight_decay=0.01))
+
+
+def test_members_of_different_dropout_rates_end_as_their_runs_alone_with_one_compilation(base):
+    # The members differ only in dropout: the traced rate must matter (their losses part) and each member must draw
+    # the masks its run alone (static rate) draws. (A rank-1 member with dropout: the QLoRA test.)
+    opt = OptimConfig(lr=3e-3, weight_decay=0.01)
+    f_losses = check_equal_to_runs_alone(base, [(4, 0, 0.0), (4, 0, 0.3)], opt, steps=8)
+    assert not np.allclose(f_losses[:, 0], f_losses[:, 1])
+    other = [adapted(base, 4, 0, dropout=d) for d in (0.5, 0.1)]
+    *_, compiled = fused(other, [0, 0], [opt] * 2, steps=1)
+    assert compiled == 0  # other rates, the same program
+
+
+def test_a_shared_batch_member_ends_as_its_run_alone_on_that_data_order(base):
+    # fused_batches: same. Every member reads data seed 0's batches (one batch, no member axis): the member of seed 0
+    # is its run alone; the member of seed 1 is the run of seed 1 (its init and keys) on seed 0's data order.
+    opt = OptimConfig(lr=3e-3, weight_decay=0.01)
+    grid = [(1, 0), (4, 1)]
+    trees = [adapted(base, r, s) for r, s in grid]
+    shared, final, _, _ = fused(trees, [0, 1], [opt, opt], steps=8, data_seed=0)
+    for k, (r, s) in enumerate(grid):
+        losses, val, _ = alone(trees[k], s, opt, steps=8, data_seed=0)
+        np.testing.assert_allclose(shared[:, k], losses, rtol=1e-4, err_msg=f"rank {r}, seed {s}")
+        assert float(loss(members.unstack(final, k), VAL)[0]) == pytest.approx(val, rel=1e-4)
+    own, *_ = fused(trees, [0, 1], [opt, opt], steps=8)  # each its own data order: only member 1 changes
+    np.testing.assert_allclose(own[:, 0], shared[:, 0], rtol=1e-5)
+    assert not np.allclose(own[:, 1], shared[:, 1])
 
 
 def test_masked_rank_positions_are_ignored_and_never_updated_whatever_they_hold(base):
@@ -147,8 +188,7 @@ def toy_group(lrs, seeds, steps=6):
         b = {"x": jnp.asarray(r.normal(size=(4, 16)), jnp.float32),
              "y": jnp.asarray(r.normal(size=(4, 8)), jnp.float32)}
         b = jax.tree.map(lambda x: jnp.stack([x] * len(lrs)), b)
-        zeros = jnp.zeros(len(lrs))
-        state, metrics = step(state, members.Hyper(m.ranks, m.scales, jnp.asarray(lrs, jnp.float32), zeros), b)
+        state, metrics = step(state, members.hyper(m, lrs, [0.0] * len(lrs)), b)
         losses.append(np.asarray(metrics["loss"]))
     return np.array(losses), state
 

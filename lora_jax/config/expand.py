@@ -16,7 +16,16 @@ from typing import Any
 
 from lora_jax.config.dicts import check_keys, config_hash, from_dict, relevant
 from lora_jax.config.fields import show
-from lora_jax.config.schema import LEAVES, SECTIONS, SWEEP_KEYS, SWEEP_OPTIONS, ExperimentConfig, key_hint
+from lora_jax.config.schema import (
+    LEAVES,
+    SECTIONS,
+    SWEEP_CHECKS,
+    SWEEP_DEFAULTS,
+    SWEEP_KEYS,
+    SWEEP_OPTIONS,
+    ExperimentConfig,
+    key_hint,
+)
 from lora_jax.errors import ConfigError
 
 _LABELS = {"seed": "s", "lora.rank": "r", "lora.alpha": "alpha", "lora.dropout": "drop", "optim.lr": "lr",
@@ -75,6 +84,8 @@ def _axes(raw: Mapping[str, Any]) -> tuple[dict[str, list[Any]], str]:
         raise ConfigError(f"sweep: expected a mapping of key paths to lists (lora.rank: [1, 4]), got {show(sweep)}")
     errors = [f"sweep.{k}: expected {SWEEP_OPTIONS[k].__name__}, got {show(v)}" for k, v in sweep.items()
               if k in SWEEP_OPTIONS and not isinstance(v, SWEEP_OPTIONS[k])]
+    errors += [f"sweep.{k}: {m}" for k, v in sweep.items() if k in SWEEP_CHECKS and isinstance(v, SWEEP_OPTIONS[k])
+               and (m := SWEEP_CHECKS[k](v))]
     sweep = {k: v for k, v in sweep.items() if k not in SWEEP_OPTIONS}
     for axis, values in sweep.items():
         if axis not in LEAVES or axis == "name":
@@ -99,11 +110,11 @@ def sweep_options(raw: Mapping[str, Any]) -> dict[str, Any]:
 
     Examples:
       >>> sweep_options({"sweep": {"lora.rank": [1, 4], "fused": True}})
-      {'fused': True}
+      {'fused': True, 'fused_batches': 'own', 'rank_buckets': ()}
     """
     sweep = raw.get("sweep")
     sweep = sweep if isinstance(sweep, Mapping) else {}
-    return {k: sweep.get(k, t()) for k, t in SWEEP_OPTIONS.items()}
+    return {k: sweep.get(k, SWEEP_DEFAULTS[k]) for k in SWEEP_OPTIONS}
 
 
 def expand_sweep(raw: Mapping[str, Any]) -> list[tuple[str, ExperimentConfig]]:

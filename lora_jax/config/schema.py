@@ -354,9 +354,22 @@ TOP_KEYS = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not i
 SWEEP_KEYS = ("sweep", "sweep_mode")
 """The keys of a sweep declaration (read by :func:`lora_jax.config.expand_sweep` only)."""
 
-SWEEP_OPTIONS: dict[str, type] = {"fused": bool}
-"""Keys of the ``sweep:`` block that say how the runs run instead of listing an axis: ``fused: true`` trains
-the runs that can share one compiled program as one group (:mod:`lora_jax.runner.fused`)."""
+SWEEP_OPTIONS: dict[str, type] = {"fused": bool, "fused_batches": str, "rank_buckets": list}
+"""Keys of the ``sweep:`` block that say how the runs run instead of listing an axis (:mod:`lora_jax.runner.fused`):
+``fused: true`` trains the runs that can share one compiled program as one group; ``fused_batches``: ``own``
+(each member its seed's data order) or ``same`` (every member the batches of its group's first run's seed,
+one read per step); ``rank_buckets``: ascending ranks such as ``[8, 16, 32, 64]``: a group holds the runs of
+one bucket (the smallest >= rank), so a small rank is not padded to the largest."""
+
+SWEEP_DEFAULTS: dict[str, Any] = {"fused": False, "fused_batches": "own", "rank_buckets": ()}
+"""The value of each :data:`SWEEP_OPTIONS` key a ``sweep:`` block leaves out."""
+
+SWEEP_CHECKS: dict[str, Any] = {
+    "fused_batches": lambda v: None if v in ("own", "same") else f"must be own or same (got {v!r})",
+    "rank_buckets": lambda v: None if all(type(b) is int and b >= 1 for b in v) and v == sorted(set(v))
+    else f"must be ranks >= 1 in ascending order, e.g. [8, 16, 32, 64] (got {v!r})",
+}
+"""Checks of the :data:`SWEEP_OPTIONS` values (after their type): each returns a complaint or ``None``."""
 
 LEAVES: dict[str, Any] = {k: type_hints(ExperimentConfig)[k] for k in TOP_KEYS}
 """Every key path that holds a value (``seed``, ``lora.rank``), with its annotation."""

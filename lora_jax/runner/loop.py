@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +40,64 @@ def read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
             if max_step is None or r.get("step", 0) <= max_step:
                 rows.append(r)
     return rows
+
+
+def restart_metrics(path: Path, start: int) -> list[dict]:
+    """The metrics lines of ``path`` up to step ``start`` (a restored checkpoint's); the file keeps only those."""
+    kept = read_jsonl(path, max_step=start)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """When a training loop evaluates, writes a metrics line and checkpoints (the ``train:`` section's ``*_every``).
+
+    Examples:
+      >>> c = Cadence(steps=10, log_every=4, eval_every=5, checkpoint_every=0)
+      >>> [d for d in range(1, 11) if c.evaluate(d)], [d for d in range(1, 11) if c.log(d, evaluated=c.evaluate(d))]
+      ([5], [4, 5, 8, 10])
+      >>> [d for d in range(1, 11) if c.checkpoint(d, stopping=d == 3)]
+      [3, 10]
+    """
+
+    steps: int
+    log_every: int = 1
+    eval_every: int = 0
+    checkpoint_every: int = 0
+
+    @classmethod
+    def of(cls, train_cfg: Any) -> Cadence:
+        """The cadence of a ``train:`` section."""
+        return cls(train_cfg.steps, train_cfg.log_every, train_cfg.eval_every, train_cfg.checkpoint_every)
+
+    def evaluate(self, done: int) -> bool:
+        """Whether to evaluate after step ``done`` (the last step's evaluation is the run's final one)."""
+        return bool(self.eval_every) and done % self.eval_every == 0 and done < self.steps
+
+    def log(self, done: int, *, evaluated: bool = False) -> bool:
+        """Whether step ``done`` writes its metrics line (every ``log_every``, the last, and evaluated steps)."""
+        return done % max(1, self.log_every) == 0 or done == self.steps or evaluated
+
+    def checkpoint(self, done: int, *, stopping: bool = False) -> bool:
+        """Whether to checkpoint after step ``done`` (every ``checkpoint_every``, or only the last; on a stop)."""
+        return done % (self.checkpoint_every or self.steps) == 0 or done == self.steps or stopping
+
+
+def step_line(done: int, loss: float, lr: float, grad_norm: float, tokens: int, dt: float, *,
+              compiled: bool) -> dict:
+    """The metrics line of step ``done`` (``compiled``: the process's first step, whose time includes compiling)."""
+    rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "time_s": dt}
+    if compiled:
+        rec["includes_compile"] = True
+    return rec
+
+
+def sync(*files) -> None:
+    """Flush and fsync ``files``: metrics lines reach the disk before the checkpoint that makes them final."""
+    for f in files:
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _progress(total: int, desc: str, quiet: bool, initial: int = 0):
@@ -105,7 +164,7 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
     state, shard_batch, shardings = place_on_mesh(cfg, state)
     step_fn = _train.ahead_of_time(_train.make_train_step(loss_fn(ctx.model.config, cfg), tx, shardings=shardings))
     ckpt_dir = run_dir / "ckpt"
-    every = cfg.train.checkpoint_every or steps
+    cadence = Cadence.of(cfg.train)
     base_id = f"{cfg.model.name}:{cfg.method}"
     base_hash = hashing.base_hash(state.frozen)  # once: every save records it, a restore checks it
     restored = None
@@ -117,8 +176,7 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
         start = int(state.step)
         ckpt.delete_steps_after(ckpt_dir, start)  # damaged steps the fallback skipped: their numbers come again
     metrics_path = run_dir / "metrics.jsonl"
-    kept = read_jsonl(metrics_path, max_step=start)  # drop lines written after the checkpoint
-    atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    kept = restart_metrics(metrics_path, start)  # drop lines written after the checkpoint
     sched = make_lr_schedule(cfg.optim, steps)
     bar = _progress(steps, run_dir.name, quiet, initial=start)
     times, first, losses = [], [], []
@@ -138,20 +196,16 @@ def train_run(ctx: RunContext, run_dir: Path, *, quiet: bool = False) -> tuple[A
             if not math.isfinite(loss):
                 status = {**status, "status": "failed", "reason": f"loss became {loss} at step {done}"}
                 break
-            rec = {"step": done, "loss": loss, "lr": float(sched(step)), "grad_norm": float(m["grad_norm"]),
-                   "tokens_per_s": tok_per_step / dt, "time_s": dt}
-            if step == start:
-                rec["includes_compile"] = True
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
+            rec = step_line(done, loss, float(sched(step)), float(m["grad_norm"]), tok_per_step, dt,
+                            compiled=step == start)
+            if cadence.evaluate(done):
                 ev = evaluate(ctx, state.params)
                 rec.update({k: v for k, v in ev.items() if k != "samples"})
-            if done % max(1, cfg.train.log_every) == 0 or done == steps or "val_loss" in rec:
+            if cadence.log(done, evaluated="val_loss" in rec):
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
-            if done % every == 0 or done == steps or stop.requested:
-                # The lines up to this step reach the disk before the checkpoint that makes them final.
-                mf.flush()
-                os.fsync(mf.fileno())
+            if cadence.checkpoint(done, stopping=stop.requested):
+                sync(mf)
                 ckpt.save_train_state(ckpt_dir, state, base_id=base_id, extra={"data_step": done}, base_hash=base_hash)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_per_step / dt:,.0f}")

@@ -131,13 +131,20 @@ def lora_method(cfg: _config.ExperimentConfig) -> str | None:
     return cfg.lora.method if cfg.method in ("lora", "qlora") else None
 
 
-def finished_summary(run_dir: Path, cfg: _config.ExperimentConfig) -> dict | None:
-    """The ``summary.json`` of ``run_dir`` if it records this config's run as finished, else ``None``."""
+def finished_summary(run_dir: Path, cfg: _config.ExperimentConfig, data_seed: int | None = None) -> dict | None:
+    """The ``summary.json`` of ``run_dir`` if it records this config's run as finished, else ``None``.
+
+    The run must also have trained on the data order of ``data_seed`` (default:
+    its own seed); a fused member of ``sweep.fused_batches: same`` records its
+    group's as ``fused_group.data_seed``.
+    """
     path = Path(run_dir) / "summary.json"
     if not path.exists():
         return None
     old = json.loads(path.read_text())
-    return old if old.get("config_hash") == _config.config_hash(cfg) and old.get("status") == "finished" else None
+    trained_on = (old.get("fused_group") or {}).get("data_seed", old.get("seed", cfg.seed))
+    ours = old.get("config_hash") == _config.config_hash(cfg) and old.get("status") == "finished"
+    return old if ours and trained_on == (cfg.seed if data_seed is None else data_seed) else None
 
 
 def run_recorded(name: str, cfg: _config.ExperimentConfig, run_dir: Path, *, quiet: bool = False) -> dict:
@@ -207,7 +214,8 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
     sweep_dir = Path(output_dir or first.output_dir) / first.name
     for _, cfg in runs:
         tracking.check_installed(cfg.tracking)
-    fused = fused or sweep_options(_config.load_raw(config_path, overrides))["fused"]
+    options = sweep_options(_config.load_raw(config_path, overrides))
+    fused = fused or options["fused"]
     if ray is not None and fused:
         raise ConfigError("a fused sweep (sweep.fused / --fused) cannot run on Ray yet: Ray runs one run per task; "
                           "drop --ray to train the groups here, or drop fused to spread the runs over the cluster")
@@ -220,7 +228,7 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
 
             _ray.run_all(runs, sweep_dir, address=ray, quiet=quiet)
         else:
-            _run_all(runs, sweep_dir, quiet=quiet, fused=fused)
+            _run_all(runs, sweep_dir, quiet=quiet, fused=fused, options=options)
         if plots:
             from lora_jax import plots as _plots
 
@@ -228,11 +236,12 @@ def run_sweep(config_path: str | os.PathLike, overrides=(), *, quiet: bool = Fal
     return sweep_dir
 
 
-def _run_all(runs, sweep_dir: Path, *, quiet: bool, fused: bool = False) -> None:
+def _run_all(runs, sweep_dir: Path, *, quiet: bool, fused: bool = False, options=None) -> None:
     summaries = []
     if fused:
         from lora_jax.runner import fused as _fused
-    units = _fused.group_runs(runs) if fused else [[run] for run in runs]
+    options = options or sweep_options({})
+    units = _fused.group_runs(runs, rank_buckets=options["rank_buckets"]) if fused else [[run] for run in runs]
     for unit in units:
         if not quiet:
             print(f"[{len(summaries) + 1}/{len(runs)}] {' + '.join(n for n, _ in unit)}", file=sys.stderr, flush=True)
@@ -240,7 +249,7 @@ def _run_all(runs, sweep_dir: Path, *, quiet: bool, fused: bool = False) -> None
             done = [run_recorded(unit[0][0], unit[0][1], sweep_dir / unit[0][0], quiet=quiet)]
         else:
             try:
-                done = _fused.run_group(unit, sweep_dir, quiet=quiet)
+                done = _fused.run_group(unit, sweep_dir, quiet=quiet, batches=options["fused_batches"])
             except Exception as e:  # one broken group must not end the sweep
                 done = [record_failed(name, cfg, sweep_dir / name, e) for name, cfg in unit]
         for s in done:
