@@ -99,7 +99,7 @@ def narrow_t(t):
     """
     if t.dtype != _BF16:
         return t.T
-    eye = jnp.eye(t.shape[1], dtype=_BF16)
+    eye = np.eye(t.shape[1], dtype=_BF16)  # a constant of the program, not an iota computed every step
     return jax.lax.dot_general(eye, t, (((1,), (1,)), ((), ())), preferred_element_type=_F32).astype(_BF16)
 
 
