@@ -79,6 +79,30 @@ def dot_tn(a, b):
     return a.T @ b
 
 
+def narrow_t(t):
+    """``t.T`` for a 2-D ``t`` of few columns (``(N, r)``, ``r`` small); bfloat16 as a product with the identity.
+
+    XLA:CPU runs a bf16 dot on its bf16 path (YNNPACK) only when the left
+    operand is contracted on its last axis in row-major layout. A transpose
+    feeding a dot is a layout change to XLA, so ``h.T @ g`` (an adapter's
+    factor gradient) reaches it as "contract ``h``'s rows", which it rejects
+    and runs in float32 instead, converting the large ``g`` too (also through
+    an optimization barrier, and an elementwise op after the transpose can
+    even leave a bf16 dot that no CPU kernel runs). ``I_r @ t.T`` is a dot
+    whose result XLA lays out row-major: ``r * r * N`` multiply-adds, exact
+    (every output is one product by 1.0). Other dtypes: plain ``t.T``.
+
+    Examples:
+      >>> t = jnp.arange(6.0).reshape(3, 2)
+      >>> narrow_t(t.astype(jnp.bfloat16)).tolist() == t.T.tolist() == narrow_t(t).tolist()
+      True
+    """
+    if t.dtype != _BF16:
+        return t.T
+    eye = np.eye(t.shape[1], dtype=_BF16)  # a constant of the program, not an iota computed every step
+    return jax.lax.dot_general(eye, t, (((1,), (1,)), ((), ())), preferred_element_type=_F32).astype(_BF16)
+
+
 def matmul(x, w, *, custom_vjp: bool = True):
     """``x @ w`` for ``x (..., d_in)`` and a 2-D array ``w``, bf16 operands accumulated in float32 both ways.
 
@@ -133,11 +157,12 @@ def _low_rank(x_ND, a_DR, b_RO, scale: float):
 
     The hand-written backward keeps every large operand (``x``, the output
     cotangent) in its natural row-major layout and transposes only the small
-    rank-``r`` tensors; optimization barriers stop XLA from folding those small
-    transposes back into the dots, which otherwise makes it materialize a
-    transposed copy of each adapter's input and output gradient (measured
-    here: about a fifth of a LoRA train step on CPU). Forward-mode
-    differentiation (``jax.jvp``) is not defined for it.
+    rank-``r`` tensors; in float32, optimization barriers stop XLA from folding
+    those small transposes back into the dots, which otherwise makes it
+    materialize a transposed copy of each adapter's input and output gradient
+    (measured here: about a fifth of a LoRA train step on CPU); in bfloat16
+    see :func:`low_rank_bwd`. Forward-mode differentiation (``jax.jvp``) is
+    not defined for it.
     """
     return dot(dot(x_ND, a_DR) * jnp.asarray(scale, x_ND.dtype), b_RO)
 
@@ -149,8 +174,21 @@ def low_rank_fwd(x_ND, a_DR, b_RO, scale):
 
 
 def low_rank_bwd(scale, res, g_NO):
-    """Backward pass of :func:`low_rank`: ``(dx, dA, dB)`` from the residuals and the output cotangent."""
+    """Backward pass of :func:`low_rank`: ``(dx, dA, dB)`` from the residuals and the output cotangent.
+
+    bfloat16: every product keeps its large operand (``x``, ``g``) as it is and
+    contracts the factors on their own axes (:func:`dot` with ``b_transposed``);
+    the two row contractions take the small ``h`` and ``dh`` transposed by
+    :func:`narrow_t`, so all four run on XLA:CPU's bf16 path (a transposed
+    small operand sent each, with a float32 copy of ``g`` or ``x``, to float32).
+    """
     x_ND, a_DR, b_RO, h_NR = res
+    if all(t.dtype == _BF16 for t in (x_ND, a_DR, b_RO, h_NR, g_NO)):
+        dh_NR = dot(g_NO, b_RO, b_transposed=True) * jnp.asarray(scale, g_NO.dtype)
+        db_RO = dot(narrow_t(h_NR), g_NO)
+        da_DR = dot(narrow_t(dh_NR), x_ND).T
+        dx_ND = dot(dh_NR, a_DR, b_transposed=True)
+        return dx_ND, da_DR, db_RO
     bar = jax.lax.optimization_barrier
     db_RO = dot(bar(h_NR.T), g_NO)
     dh_NR = dot(g_NO, bar(b_RO.T)) * jnp.asarray(scale, g_NO.dtype)

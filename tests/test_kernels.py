@@ -149,19 +149,34 @@ def test_bf16_matmul_fallbacks():
     _close(t.astype(jnp.float32), (xb @ wb).astype(jnp.float32), 1e-2)
 
 
-def test_every_bf16_dot_of_a_bf16_lora_and_qlora_step_accumulates_in_float32():
-    """XLA:CPU takes its bf16 GEMM path only for bf16 x bf16 -> f32 dots; a bf16-output dot is its slow path."""
-    import re
+def test_bf16_low_rank_gradients_equal_the_exact_products():
+    """The bf16 backward (factors contracted on their own axes, narrow_t for the row contractions) is the product."""
+    x, a, b, g = _bf16(20, 300, 64), _bf16(21, 64, 8), _bf16(22, 8, 48), _bf16(23, 300, 48)
+    scale = 2.0  # a power of two: the scaled residual is exact
+    y, vjp = jax.vjp(lambda x, a, b: _kernels.low_rank(x, a, b, scale), x, a, b)
+    dx, da, db = vjp(g)
+    x64, a64, b64, g64 = (np.asarray(t, np.float64) for t in (x, a, b, g))
+    h64, dh64 = (x64 @ a64) * scale, (g64 @ b64.T) * scale
+    for got, (p, q) in [(y, (h64, b64)), (dx, (dh64, a64.T)), (da, (x64.T, dh64)), (db, (h64.T, g64))]:
+        assert got.dtype == jnp.bfloat16 and got.shape == (p.shape[0], q.shape[1])
+        exact, mag = p @ q, np.abs(p) @ np.abs(q)
+        bound = 2**-8 * np.abs(exact) + 2**-7 * mag  # the result and one rounded bf16 intermediate
+        assert (np.abs(np.asarray(got, np.float64) - exact) <= bound).all()
+    assert _kernels.narrow_t(g).tolist() == g.T.tolist()  # exact
 
+
+def _tiny_bf16_steps(n_layers):
+    """Lowered bf16 LoRA and QLoRA train steps of a tiny Llama: ``[(quantized, lowered), ...]`` and the config."""
     import optax
 
     from lora_jax import train
     from lora_jax.models import llama
 
-    cfg = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    cfg = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, ffn_dim=64)
     params = llama.init(jax.random.key(0), cfg, dtype=jnp.bfloat16)
     target = r"layers/\d+/(attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
+    out = []
     for quantized in (False, True):
         rules = [quant.QuantRule(pattern=target, format="nf4", block_size=16, dtype=jnp.bfloat16)]
         p = quant.quantize(params, rules) if quantized else params
@@ -169,7 +184,17 @@ def test_every_bf16_dot_of_a_bf16_lora_and_qlora_step_accumulates_in_float32():
         tx = optax.adamw(1e-3)
         state = train.init_state(p, tx, jax.random.key(3))
         step = train.make_train_step(lambda p, b: llama.loss(p, b, cfg), tx)
-        hlo = jax.jit(step).lower(state, {"tokens": tokens}).as_text()
+        out.append((quantized, jax.jit(step).lower(state, {"tokens": tokens})))
+    return out, cfg
+
+
+def test_every_bf16_dot_of_a_bf16_lora_and_qlora_step_accumulates_in_float32():
+    """XLA:CPU takes its bf16 GEMM path only for bf16 x bf16 -> f32 dots; a bf16-output dot is its slow path."""
+    import re
+
+    steps, cfg = _tiny_bf16_steps(2)
+    for quantized, lowered in steps:
+        hlo = lowered.as_text()
         dots = re.findall(r"stablehlo.dot_general.*?:\s*\((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)", hlo)
         assert dots, "no dot found in the lowered step"
         rank2 = lambda t: t.count("x") == 2  # tensor<AxBxbf16>: a weight, a factor or a flattened activation
@@ -177,3 +202,20 @@ def test_every_bf16_dot_of_a_bf16_lora_and_qlora_step_accumulates_in_float32():
         assert len(bf16_in) > 7 * cfg.n_layers, (quantized, len(bf16_in))  # the projections at least
         slow = [d for d in bf16_in if "bf16" in d[2]]  # (attention's batched einsums are not counted)
         assert not slow, f"bf16-output dots (quantized={quantized}): {slow[:3]}"
+
+
+def test_no_projection_dot_of_the_compiled_bf16_step_runs_in_float32():
+    """XLA:CPU runs a bf16 dot in float32 (converting both operands) unless its left operand is contracted on
+    its last axis in row-major layout: ``g @ w.T`` with a transposed copy, ``h.T @ g`` with a transposed small
+    factor, ``x.T @ dh`` all end up as float32 dots in the compiled program, though the lowered one is bf16."""
+    import re
+
+    steps, cfg = _tiny_bf16_steps(1)
+    for quantized, lowered in steps:
+        hlo = lowered.compile().as_text()
+        types = dict(re.findall(r"%([\w.\-]+) = (\w+\[[\d,]*\])", hlo))  # instruction -> dtype[shape]
+        dots = [(types[a], types[b]) for a, b in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
+        weighty = [d for d in dots if any(t.count(",") == 1 for t in d)]  # a 2-D operand: not attention's einsums
+        assert len(weighty) > 4 * 7 * cfg.n_layers, (quantized, len(weighty))  # forward and backward of each adapter
+        f32 = [d for d in weighty if not all(t.startswith("bf16[") for t in d)]
+        assert not f32, f"float32 dots in the compiled bf16 step (quantized={quantized}): {f32[:4]}"

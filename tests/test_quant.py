@@ -313,6 +313,17 @@ def test_bfloat16_compute():
     assert node.lora_a.dtype == jnp.bfloat16 and (x @ node).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int4", "int4_asym"])
+def test_bfloat16_dequantize_is_the_float32_value_rounded_once(fmt):
+    """The bf16 decode computes code value x scale in float32 and rounds once (no bf16 table or scale)."""
+    w = jax.random.normal(jax.random.key(4), (128, 40))
+    q16 = quant.quantize_weight(w, fmt, block_size=32, double_quant=True, dtype=jnp.bfloat16)
+    q32 = dataclasses.replace(q16, compute_dtype=jnp.float32)
+    want = np.asarray(q32.dequantize()).astype(jnp.bfloat16)  # numpy's own float32 -> bfloat16 rounding
+    np.testing.assert_array_equal(np.asarray(q16.dequantize()), want)
+    np.testing.assert_array_equal(np.asarray(q16.T.dequantize()), want.T)
+
+
 # ----------------------------------------------------------------------------
 # quantize(params, rules) and its errors
 

@@ -25,7 +25,6 @@ from lora_jax.quant.codecs import (
     expand_groups,
     is_concrete,
     pack_nibbles,
-    pair_table,
 )
 
 _F32 = jnp.float32
@@ -242,13 +241,11 @@ class QTensor:
         d_in = self.stored_shape[0]
         codes = self.codes if cols is None else self.codes[:, cols]
         if BITS[self.format] == 4:
-            # One lookup per byte gives both rows' values: fewer ops than unpacking the
-            # nibbles and looking each up (a smaller compiled program per weight).
-            # uint8 codes index the 256-row table directly (always in bounds, no int32 copy).
-            dnums = jax.lax.GatherDimensionNumbers(offset_dims=(2,), collapsed_slice_dims=(0,), start_index_map=(0,))
-            pairs = jax.lax.gather(jnp.asarray(pair_table(self.format)), codes[..., None], dnums, (1, 2),
-                                   mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)  # (d_in/2, n, 2)
-            v = jnp.swapaxes(pairs, 1, 2).reshape(d_in, codes.shape[1])
+            # Rows 2k and 2k+1 are byte row k shifted by 0 and 4 bits: a broadcast shift
+            # keeps the decode one elementwise loop along d_out (a lookup of byte pairs
+            # needed a transpose inside it, about 1.3x slower in bfloat16 on this CPU).
+            shift = jnp.array([0, 4], jnp.uint8)[:, None]
+            v = self._values((codes[:, None, :] >> shift) & 15).reshape(d_in, codes.shape[1])
         else:
             v = self._values(codes)
         n = v.shape[1]
