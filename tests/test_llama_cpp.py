@@ -97,6 +97,29 @@ def float_copy(src, dst):
     return dst
 
 
+def test_float_copy_keeps_metadata_and_dequantizes_every_tensor(tmp_path):
+    """The F32 copy the llama.cpp test runs on, read back by the gguf package's own reader."""
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    w.add_uint32("llama.block_count", 3)
+    w.add_float32("llama.rope.freq_base", 1e4)
+    w.add_array("tokenizer.ggml.tokens", ["a", "b"])
+    x = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("output_norm.weight", x[0])
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    r = gguf.GGUFReader(str(float_copy(tmp_path / "q.gguf", tmp_path / "f.gguf")))
+    f = r.fields
+    assert f["llama.block_count"].types == [gguf.GGUFValueType.UINT32] and f["llama.block_count"].contents() == 3
+    assert f["tokenizer.ggml.tokens"].contents() == ["a", "b"] and f["llama.rope.freq_base"].contents() == 1e4
+    t = {t.name: t for t in r.tensors}
+    assert {n: t[n].tensor_type.name for n in t} == {"blk.0.attn_q.weight": "F32", "output_norm.weight": "F32"}
+    want = gguf.quants.dequantize(gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0),
+                                  gguf.GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(np.asarray(t["blk.0.attn_q.weight"].data), want)
+    np.testing.assert_array_equal(np.asarray(t["output_norm.weight"].data), x[0])
+
+
 def llama_cpp_runs(llama_cpp, model, adapter, prompt_ids, *, new_tokens):
     """llama.cpp on ``model`` (one load), without then with ``adapter``: per prompt, the logits after the prompt
     and, with the adapter, the greedy continuation of ``new_tokens`` tokens. The KV cache is F32 (default F16)."""
