@@ -77,13 +77,8 @@ class Gemma3Config:
         if not self.tie_embeddings:
             raise ConfigError("Gemma3Config: Gemma 3 ties the output head to the embeddings (tie_embeddings=True)")
 
-    @property
-    def q_dim(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_dim
+    q_dim = _llama.LlamaConfig.q_dim  # n_heads * head_dim, the same property
+    kv_dim = _llama.LlamaConfig.kv_dim  # n_kv_heads * head_dim
 
     def is_global(self, i: int) -> bool:
         """Whether layer ``i`` attends globally (else within the sliding window)."""

@@ -84,16 +84,8 @@ class _Cursor:
         return v
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
-    """Metadata and tensors of a GGUF file (the caller has checked the magic).
-
-    Raises:
-      GGUFError: a truncated or corrupt file, or an unknown ggml tensor type (naming the file).
-    """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    p = Path(path)
-    buf = np.memmap(p, np.uint8, mode="r")
+def _metadata(buf, p: Path) -> tuple[_Cursor, dict[str, Any]]:
+    """The header's metadata and a cursor just past the key/values (at the tensor infos)."""
     c = _Cursor(buf, p)
     c.take("<I")  # magic
     version = c.take("<I")
@@ -104,6 +96,35 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, TensorInfo]
     for _ in range(n_kv):
         key = c.string()
         meta[key] = c.value(c.take("<I"))
+    return c, meta
+
+
+KV_START = 24  # magic, version, tensor count and key/value count come first
+
+
+def metadata_bytes(path: str | os.PathLike) -> bytes:
+    """The raw key/value section of a GGUF file, value types included (to copy the metadata verbatim).
+
+    It starts at byte :data:`KV_START` and holds ``GGUF.kv_count`` entries.
+    """
+    p = Path(path)
+    buf = np.memmap(p, np.uint8, mode="r")
+    c, _ = _metadata(buf, p)
+    return bytes(buf[KV_START : c.pos])
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """Metadata and tensors of a GGUF file (the caller has checked the magic).
+
+    Raises:
+      GGUFError: a truncated or corrupt file, or an unknown ggml tensor type (naming the file).
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    p = Path(path)
+    buf = np.memmap(p, np.uint8, mode="r")
+    c, meta = _metadata(buf, p)
+    n_tensors = meta["GGUF.tensor_count"]
     infos = []
     for _ in range(n_tensors):
         name = c.string()

@@ -5,10 +5,9 @@ parameter tree of :mod:`lora_jax.models.gemma3` (its extra norms map from
 ``attn_{q,k}_norm``, ``post_attention_norm`` and ``post_ffw_norm``; llama.cpp
 stores Gemma's norm scales as ``1 + scale``, which the loader subtracts, and
 does not permute Gemma's Q/K rows). SentencePiece vocabularies (``llama``
-tokenizer model) load through :mod:`lora_jax.models.sentencepiece`. The file
-is parsed by :mod:`lora_jax.models.gguf_file`.
+tokenizer model) load through :mod:`lora_jax.models.sentencepiece`.
 
-The file is read with the ``gguf`` package's ``GGUFReader`` (a memory map, no
+The file is parsed by :mod:`lora_jax.models.gguf_file` (a memory map, no
 pickle). Metadata gives a :class:`~lora_jax.models.llama.LlamaConfig` and a
 :class:`~lora_jax.models.tokenizer.Tokenizer`; tensors become the parameter
 tree of :mod:`lora_jax.models.llama`:
@@ -89,8 +88,6 @@ _LAYER_TENSORS = {
 }
 
 
-
-
 # ----------------------------------------------------------------------------
 # Opening and metadata
 
@@ -162,8 +159,44 @@ def _meta_int(meta, key, path, default=None) -> int:
     return int(v)
 
 
-def config_from_metadata(meta: Mapping[str, Any], path: str | os.PathLike = "<gguf>", *, tie=True) -> LlamaConfig:
-    """Build the :class:`LlamaConfig` a GGUF file's metadata describes.
+def _shared_fields(meta: Mapping[str, Any], path, arch: str, model: str, **defaults) -> dict[str, Any]:
+    """The :class:`LlamaConfig` / :class:`Gemma3Config` fields both read from ``<arch>.*`` metadata.
+
+    ``defaults`` give ``rope_theta``, ``rms_eps`` and ``max_seq_len`` when the file omits them.
+    """
+    a = arch
+    n_heads = _meta_int(meta, f"{a}.attention.head_count", path)
+    dim = _meta_int(meta, f"{a}.embedding_length", path)
+    scaling = meta.get(f"{a}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise GGUFError(f"{str(path)!r}: rope scaling {scaling!r} is not supported by lora-jax's {model}")
+    vocab = meta.get(f"{a}.vocab_size")
+    if vocab is None and "tokenizer.ggml.tokens" in meta:
+        vocab = len(meta["tokenizer.ggml.tokens"])
+    return dict(
+        vocab_size=int(vocab) if vocab is not None else -1,
+        dim=dim,
+        n_layers=_meta_int(meta, f"{a}.block_count", path),
+        n_heads=n_heads,
+        n_kv_heads=_meta_int(meta, f"{a}.attention.head_count_kv", path, n_heads),
+        ffn_dim=_meta_int(meta, f"{a}.feed_forward_length", path),
+        head_dim=_meta_int(meta, f"{a}.attention.key_length", path, dim // max(n_heads, 1)),
+        rope_theta=float(meta.get(f"{a}.rope.freq_base", defaults["rope_theta"])),
+        rms_eps=float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", defaults["rms_eps"])),
+        max_seq_len=int(meta.get(f"{a}.context_length", defaults["max_seq_len"])),
+    )
+
+
+def _build(cls, path, **fields):
+    try:
+        return cls(**fields)
+    except ValueError as e:
+        raise GGUFError(f"{str(path)!r}: the metadata gives an invalid config: {e}") from None
+
+
+def config_from_metadata(meta: Mapping[str, Any], path: str | os.PathLike = "<gguf>", *,
+                         tie=True) -> LlamaConfig | Gemma3Config:
+    """Build the config a GGUF file's metadata describes (:func:`gemma3_config_from_metadata` for ``gemma3``).
 
     Args:
       meta: metadata as :func:`read_metadata` returns it.
@@ -171,7 +204,7 @@ def config_from_metadata(meta: Mapping[str, Any], path: str | os.PathLike = "<gg
       tie: whether the file has no ``output.weight`` (tied embeddings).
 
     Raises:
-      GGUFError: not a Llama-architecture file, or a feature lora-jax's Llama lacks
+      GGUFError: not a Llama- or Gemma-3-architecture file, or a feature lora-jax's Llama lacks
         (rope scaling, partial rotary dimensions, per-layer head counts).
     """
     arch = meta.get("general.architecture")
@@ -180,37 +213,14 @@ def config_from_metadata(meta: Mapping[str, Any], path: str | os.PathLike = "<gg
             f"{str(path)!r}: general.architecture is {arch!r}; "
             f"lora-jax loads {list(SUPPORTED_ARCHITECTURES)} GGUF files"
         )
-    a = arch
     if arch == "gemma3":
         return gemma3_config_from_metadata(meta, path)
-    n_heads = _meta_int(meta, f"{a}.attention.head_count", path)
-    dim = _meta_int(meta, f"{a}.embedding_length", path)
-    head_dim = _meta_int(meta, f"{a}.attention.key_length", path, dim // max(n_heads, 1))
-    rot = meta.get(f"{a}.rope.dimension_count")
-    if rot is not None and int(rot) != head_dim:
-        raise GGUFError(f"{str(path)!r}: rope.dimension_count={rot} != head_dim={head_dim} (partial RoPE unsupported)")
-    scaling = meta.get(f"{a}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise GGUFError(f"{str(path)!r}: rope scaling {scaling!r} is not supported by lora-jax's Llama")
-    vocab = meta.get(f"{a}.vocab_size")
-    if vocab is None and "tokenizer.ggml.tokens" in meta:
-        vocab = len(meta["tokenizer.ggml.tokens"])
-    try:
-        return LlamaConfig(
-            vocab_size=int(vocab) if vocab is not None else -1,
-            dim=dim,
-            n_layers=_meta_int(meta, f"{a}.block_count", path),
-            n_heads=n_heads,
-            n_kv_heads=_meta_int(meta, f"{a}.attention.head_count_kv", path, n_heads),
-            ffn_dim=_meta_int(meta, f"{a}.feed_forward_length", path),
-            head_dim=head_dim,
-            rope_theta=float(meta.get(f"{a}.rope.freq_base", 10000.0)),
-            rms_eps=float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-            tie_embeddings=tie,
-            max_seq_len=int(meta.get(f"{a}.context_length", 2048)),
-        )
-    except ValueError as e:
-        raise GGUFError(f"{str(path)!r}: the metadata gives an invalid config: {e}") from None
+    f = _shared_fields(meta, path, arch, "Llama", rope_theta=10000.0, rms_eps=1e-5, max_seq_len=2048)
+    rot = meta.get(f"{arch}.rope.dimension_count")
+    if rot is not None and int(rot) != f["head_dim"]:
+        raise GGUFError(f"{str(path)!r}: rope.dimension_count={rot} != head_dim={f['head_dim']} "
+                        "(partial RoPE unsupported)")
+    return _build(LlamaConfig, path, **f, tie_embeddings=tie)
 
 
 def gemma3_config_from_metadata(meta: Mapping[str, Any], path: str | os.PathLike = "<gguf>") -> Gemma3Config:
@@ -219,31 +229,9 @@ def gemma3_config_from_metadata(meta: Mapping[str, Any], path: str | os.PathLike
     The file names neither the local RoPE base nor the layer pattern; Gemma 3
     fixes them (10000, every sixth layer global), as Hugging Face's loader assumes.
     """
-    a = "gemma3"
-    n_heads = _meta_int(meta, f"{a}.attention.head_count", path)
-    dim = _meta_int(meta, f"{a}.embedding_length", path)
-    scaling = meta.get(f"{a}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise GGUFError(f"{str(path)!r}: rope scaling {scaling!r} is not supported by lora-jax's Gemma 3")
-    vocab = meta.get(f"{a}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
-    head_dim = _meta_int(meta, f"{a}.attention.key_length", path, dim // max(n_heads, 1))
-    try:
-        return Gemma3Config(
-            vocab_size=int(vocab) if vocab else -1,
-            dim=dim,
-            n_layers=_meta_int(meta, f"{a}.block_count", path),
-            n_heads=n_heads,
-            n_kv_heads=_meta_int(meta, f"{a}.attention.head_count_kv", path, n_heads),
-            ffn_dim=_meta_int(meta, f"{a}.feed_forward_length", path),
-            head_dim=head_dim,
-            rope_theta=float(meta.get(f"{a}.rope.freq_base", 1_000_000.0)),
-            rms_eps=float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-            sliding_window=_meta_int(meta, f"{a}.attention.sliding_window", path, 512),
-            query_pre_attn_scalar=float(head_dim),
-            max_seq_len=int(meta.get(f"{a}.context_length", 32768)),
-        )
-    except ValueError as e:
-        raise GGUFError(f"{str(path)!r}: the metadata gives an invalid config: {e}") from None
+    f = _shared_fields(meta, path, "gemma3", "Gemma 3", rope_theta=1_000_000.0, rms_eps=1e-6, max_seq_len=32768)
+    return _build(Gemma3Config, path, **f, query_pre_attn_scalar=float(f["head_dim"]),
+                  sliding_window=_meta_int(meta, "gemma3.attention.sliding_window", path, 512))
 
 
 # ----------------------------------------------------------------------------
