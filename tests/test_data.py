@@ -528,3 +528,19 @@ def test_score_errors(monkeypatch):
             data.score_summaries(["a"], ["a"])
     finally:
         scoring._scorer.cache_clear()
+
+
+def test_tokenize_split_with_a_limit_is_the_whole_split_cut(task, bpe, tmp_path):
+    """The runner asks for ``task.n_train`` examples only: the same ones as tokenizing everything, then cutting."""
+    bos = Encoder(encode=CHAR.encode, end_id=0, bos_id=1)
+    docs = data.get_task("python-docs-lm")
+    for enc in (CHAR, bos):
+        whole = docs.tokenize_split("val", enc, max_len=64)
+        for n in (1, 5, 300, len(whole), len(whole) + 3):
+            cut = docs.tokenize_split("val", enc, max_len=64, limit=n)
+            assert [w.ids.tolist() for w in cut] == [w.ids.tolist() for w in whole[:n]], n
+            assert [w.loss_mask.tolist() for w in cut] == [w.loss_mask.tolist() for w in whole[:n]], n
+    small, whole = (task.tokenize_split("val", bpe, chatml, max_len=4096, limit=n) for n in (3, None))
+    assert [x.ids.tolist() for x in small] == [x.ids.tolist() for x in whole[:3]]
+    rows = data.get_task("jsonl", train=write(tmp_path / "d.jsonl", '{"prompt": "a", "completion": "b"}\n' * 3))
+    assert len(rows.tokenize_split("train", CHAR, max_len=64, limit=2)) == 2

@@ -48,9 +48,9 @@ def _check_split(task, split: str) -> None:
         raise DataError(f"task {task.name!r} has splits {list(task.splits())}, got {split!r}")
 
 
-def _tokenize_all(task, split, tokenizer, format_chat, max_len) -> list[Tokenized]:
+def _tokenize_all(task, split, tokenizer, format_chat, max_len, limit=None) -> list[Tokenized]:
     enc = encoding.as_encoder(tokenizer)
-    return [task.tokenize(ex, enc, format_chat, max_len) for ex in task.examples(split)]
+    return [task.tokenize(ex, enc, format_chat, max_len) for ex in task.examples(split)[:limit]]
 
 
 class CodeSummarization:
@@ -106,8 +106,10 @@ class CodeSummarization:
             format_chat=format_chat,
         )
 
-    def tokenize_split(self, split, tokenizer, format_chat: ChatFormat | None = None, max_len: int = 512):
-        return _tokenize_all(self, split, tokenizer, format_chat, max_len)
+    def tokenize_split(self, split, tokenizer, format_chat: ChatFormat | None = None, max_len: int = 512,
+                       limit: int | None = None):
+        """The split's examples tokenized (only the first ``limit`` when given)."""
+        return _tokenize_all(self, split, tokenizer, format_chat, max_len, limit)
 
     def min_len(self, tokenizer, format_chat: ChatFormat | None = None) -> int:
         """The prompt template, one token of source, one of summary and the end token."""
@@ -159,10 +161,22 @@ class _LanguageModelling:
         enc = encoding.as_encoder(tokenizer)
         return encoding.pack_windows([enc.encode(example.text)], max_len, enc)
 
-    def tokenize_split(self, split: str, tokenizer, format_chat=None, max_len: int = 512) -> list[Tokenized]:
-        """The split's documents packed into windows of ``max_len`` tokens."""
+    def tokenize_split(self, split: str, tokenizer, format_chat=None, max_len: int = 512,
+                       limit: int | None = None) -> list[Tokenized]:
+        """The split's documents packed into windows of ``max_len`` tokens (the first ``limit`` when given).
+
+        With ``limit``, documents are encoded only until their tokens fill
+        ``limit`` windows: the windows are those of the whole split, cut.
+        """
         enc = encoding.as_encoder(tokenizer)
-        return encoding.pack_windows([enc.encode(d.text) for d in self.examples(split)], max_len, enc)
+        need = None if limit is None else limit * (max_len - 1) + 1  # stream tokens that fill `limit` windows
+        docs, n = [], 0
+        for d in self.examples(split):
+            if need is not None and n >= need:
+                break
+            docs.append(enc.encode(d.text))
+            n += len(docs[-1]) + 1 + (enc.bos_id is not None)  # [bos] doc [end]
+        return encoding.pack_windows(docs, max_len, enc)[:limit]
 
     def min_len(self, tokenizer=None, format_chat=None) -> int:
         """A window needs a token of context and one target."""
@@ -251,8 +265,10 @@ class ChatFiles:
         except ValueError as e:
             raise DataError(f"{example.origin}: {e}") from None
 
-    def tokenize_split(self, split, tokenizer, format_chat: ChatFormat | None = None, max_len: int = 512):
-        return _tokenize_all(self, split, tokenizer, format_chat, max_len)
+    def tokenize_split(self, split, tokenizer, format_chat: ChatFormat | None = None, max_len: int = 512,
+                       limit: int | None = None):
+        """The split's rows tokenized, the first ``limit`` returned (every row is tokenized, so a bad one is named)."""
+        return _tokenize_all(self, split, tokenizer, format_chat, max_len)[:limit]
 
     def min_len(self, tokenizer, format_chat: ChatFormat | None = None) -> int:
         """The chat template around an empty user turn, and the end token of the answer."""

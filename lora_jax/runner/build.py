@@ -288,10 +288,6 @@ def _task(cfg: ExperimentConfig):
     return _data.get_task(t.name)
 
 
-def _cap(items: list, n: int | None) -> list:
-    return items if n is None else items[:n]
-
-
 def chat_format(tokenizer):
     """The tokenizer's chat template where it has one (ChatML models), else None."""
     return tokenizer.apply_chat_template if getattr(tokenizer, "is_chatml", False) else None
@@ -365,8 +361,8 @@ def eva_inputs(cfg: ExperimentConfig, model: LoadedModel, train_data: dict | Non
 def train_examples(cfg: ExperimentConfig, model: LoadedModel) -> dict:
     """The run's training examples, tokenized and padded (``tokens``, ``loss_mask``, ``attention_mask``)."""
     task = _task(cfg)
-    tr = _cap(task.tokenize_split("train", model.tokenizer, chat_format(model.tokenizer), cfg.task.max_len),
-              cfg.task.n_train)
+    tr = task.tokenize_split("train", model.tokenizer, chat_format(model.tokenizer), cfg.task.max_len,
+                             limit=cfg.task.n_train)
     if len(tr) < cfg.train.batch_size:
         raise DataError(f"task {cfg.task.name!r}: {len(tr)} training examples, fewer than "
                          f"train.batch_size={cfg.train.batch_size}")
@@ -379,7 +375,7 @@ def prepare(cfg: ExperimentConfig, model: LoadedModel) -> RunContext:
     fmt = chat_format(model.tokenizer)
     T = cfg.task.max_len
     split_val = "val" if "val" in task.splits() else task.splits()[-1]
-    val = _cap(task.tokenize_split(split_val, model.tokenizer, fmt, T), cfg.task.n_val)
+    val = task.tokenize_split(split_val, model.tokenizer, fmt, T, limit=cfg.task.n_val)
     pad_id = getattr(model.tokenizer, "pad_id", None) or 0
     train_data = None if cfg.method == "base" else train_examples(cfg, model)
     params = build_params(cfg, model, train_data=train_data)
