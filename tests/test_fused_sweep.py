@@ -1,6 +1,7 @@
 """Fused sweeps end to end on a tiny GGUF model: same files and numbers as runs alone, failures, resume, plan."""
 
 import dataclasses
+import fcntl
 import json
 import os
 import signal
@@ -22,12 +23,26 @@ sys.path.insert(0, str(ROOT / "experiments" / "benchmarks"))  # the benchmark's 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("model")
-    data = d / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"add {i} and {i + 1}", "completion": str(2 * i + 1)}) + "\n"
-                            for i in range(48)))
-    return write_tiny_chat_gguf(d / "tiny.gguf"), data
+def shared(tmp_path_factory, worker_id):
+    """A folder of the test session that the pytest-xdist workers share (made under its ``lock``)."""
+    if worker_id == "master":
+        return tmp_path_factory.mktemp("fused")
+    d = tmp_path_factory.getbasetemp().parent / "fused_sweep"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(shared):
+    """The model and data files, the same paths in every worker (the runs' config hashes compare equal)."""
+    model, data = shared / "tiny.gguf", shared / "pairs.jsonl"
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not model.exists():
+            data.write_text("".join(json.dumps({"prompt": f"add {i} and {i + 1}", "completion": str(2 * i + 1)})
+                                    + "\n" for i in range(48)))
+            write_tiny_chat_gguf(shared / "tiny.part", n_layers=1).rename(model)  # one layer: half the compiling
+    return model, data
 
 
 def write_config(path: Path, tiny, **over) -> Path:
@@ -51,17 +66,29 @@ def sweep(cfg: Path, out: Path, *extra) -> int:
     return cli.main(["sweep", str(cfg), "--quiet", "--output-dir", str(out), *extra])
 
 
-def test_a_fused_sweep_writes_what_the_runs_alone_write(tmp_path, tiny):
-    # ranks, seeds and dropout rates, three runs (zip keeps the test short)
-    grid = {"lora.rank": [1, 4, 4], "seed": [0, 0, 1], "lora.dropout": [0.0, 0.1, 0.0]}
-    seq = write_config(tmp_path / "s.yaml", tiny, sweep=grid, sweep_mode="zip")
-    fus = write_config(tmp_path / "f.yaml", tiny, sweep={**grid, "fused": True}, sweep_mode="zip")
-    assert sweep(seq, tmp_path / "seq") == 0
+# ranks, seeds and dropout rates, three runs (zip keeps the test short)
+GRID = {"lora.rank": [1, 4, 4], "seed": [0, 0, 1], "lora.dropout": [0.0, 0.1, 0.0]}
+
+
+@pytest.fixture(scope="module")
+def seq(shared, tiny):
+    """GRID's runs one after another, the reference of the fused runs: made once a session; its output folder."""
+    out = shared / "seq"
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker waits for this one's runs instead of repeating them
+        if not (shared / "seq.done").exists():
+            assert sweep(write_config(shared / "s.yaml", tiny, sweep=GRID, sweep_mode="zip"), out) == 0
+            (shared / "seq.done").touch()
+    return out
+
+
+def test_a_fused_sweep_writes_what_the_runs_alone_write(tmp_path, tiny, seq):
+    fus = write_config(tmp_path / "f.yaml", tiny, sweep={**GRID, "fused": True}, sweep_mode="zip")
     assert sweep(fus, tmp_path / "fus") == 0
-    names = [n for n, _ in config.load_sweep(seq)]
+    names = [n for n, _ in config.load_sweep(fus)]
     assert names == ["lora_drop0_r1_s0", "lora_drop0.1_r4_s0", "lora_drop0_r4_s1"]
     for name in names:
-        a, b = summary(tmp_path / "seq", name), summary(tmp_path / "fus", name)
+        a, b = summary(seq, name), summary(tmp_path / "fus", name)
         for k in ("train_loss", "val_loss"):
             assert b[k] == pytest.approx(a[k], rel=1e-4), (name, k)
         assert b["config_hash"] == a["config_hash"] and b["status"] == "finished"
@@ -69,7 +96,7 @@ def test_a_fused_sweep_writes_what_the_runs_alone_write(tmp_path, tiny):
         assert b["rouge1"] == pytest.approx(a["rouge1"]) and b["samples"] == a["samples"]
         files = lambda root, name=name: sorted(p.relative_to(root / "t" / name).as_posix()  # noqa: E731
                                                for p in (root / "t" / name).rglob("*") if p.is_file())
-        assert files(tmp_path / "fus") == files(tmp_path / "seq")
+        assert files(tmp_path / "fus") == files(seq)
         lines = (tmp_path / "fus" / "t" / name / "metrics.jsonl").read_text().splitlines()
         steps = [json.loads(x)["step"] for x in lines]
         assert steps == [1, 2, 3, 4, 5]
@@ -77,7 +104,7 @@ def test_a_fused_sweep_writes_what_the_runs_alone_write(tmp_path, tiny):
         ranks = {e["rank"] for e in adapter["adapters"].values()}
         scales = {e["scale"] for e in adapter["adapters"].values()}
         assert ranks == {b["rank"]} and scales == {4 / b["rank"]}  # its true rank, not the group's padded one
-        ref = json.loads((tmp_path / "seq" / "t" / name / "adapter" / "lora_jax_adapter.json").read_text())
+        ref = json.loads((seq / "t" / name / "adapter" / "lora_jax_adapter.json").read_text())
         assert [{k: e[k] for k in ("rank", "scale", "dropout")} for e in adapter["adapters"].values()] == [
             {k: e[k] for k in ("rank", "scale", "dropout")} for e in ref["adapters"].values()]
     assert not (tmp_path / "fus" / "t" / fused.FOLDER).exists()  # the group's checkpoints go once all are written
@@ -89,7 +116,8 @@ def test_a_fused_sweep_writes_what_the_runs_alone_write(tmp_path, tiny):
 
 def test_a_diverging_member_is_marked_failed_and_the_other_finishes_as_alone(tmp_path, tiny):
     over = {"optim.grad_clip": None, "optim.name": "sgd", "optim.weight_decay": 0.0}
-    alone = write_config(tmp_path / "a.yaml", tiny, **over, **{"optim.lr": 1e-3})
+    # (the losses do not depend on generation: the run alone skips it, the group decodes with a member failed)
+    alone = write_config(tmp_path / "a.yaml", tiny, **over, **{"optim.lr": 1e-3, "task.n_eval_generate": 0})
     group = write_config(tmp_path / "g.yaml", tiny, **over, sweep={"optim.lr": [1e30, 1e-3], "fused": True})
     assert sweep(alone, tmp_path / "alone") == 0
     assert sweep(group, tmp_path / "group") == 1  # a run failed
@@ -133,13 +161,15 @@ def test_a_group_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_pat
         assert steps == list(range(1, 41)), "each step logged exactly once after the resume"
 
 
-def test_same_batches_member_of_the_shared_seed_equals_its_run_alone_and_the_data_order_is_recorded(tmp_path, tiny):
-    over = {"train.steps": 3, "task.n_eval_generate": 0, "train.checkpoint_every": 0}
-    alone = write_config(tmp_path / "a.yaml", tiny, **over)  # rank 2, seed 0
-    grid = {"lora.rank": [2, 4], "seed": [0, 1], "fused": True, "fused_batches": "same"}
+def test_same_batches_member_of_the_shared_seed_equals_its_run_alone_and_the_data_order_is_recorded(tmp_path, tiny,
+                                                                                                   seq):
+    # The runs alone are GRID's (``seq``): lora_drop0_r1_s0 and lora_drop0_r4_s1 (generation and checkpoints do not
+    # change the losses, so the group skips them).
+    over = {"task.n_eval_generate": 0, "train.checkpoint_every": 0}
+    grid = {"lora.rank": [1, 4], "seed": [0, 1], "fused": True, "fused_batches": "same"}
     group = write_config(tmp_path / "g.yaml", tiny, **over, sweep=grid, sweep_mode="zip")
-    assert sweep(alone, tmp_path / "alone") == 0 and sweep(group, tmp_path / "g") == 0
-    ref, first, second = summary(tmp_path / "alone", "lora"), summary(tmp_path / "g", "lora_r2_s0"), summary(
+    assert sweep(group, tmp_path / "g") == 0
+    ref, first, second = summary(seq, "lora_drop0_r1_s0"), summary(tmp_path / "g", "lora_r1_s0"), summary(
         tmp_path / "g", "lora_r4_s1")
     for k in ("train_loss", "val_loss"):
         assert first[k] == pytest.approx(ref[k], rel=1e-4), k  # its seed is the shared data seed
@@ -147,12 +177,15 @@ def test_same_batches_member_of_the_shared_seed_equals_its_run_alone_and_the_dat
         assert s["fused_group"]["batches"] == "same" and s["fused_group"]["data_seed"] == 0
         assert s["fused_group"]["compilations"] == 1
     # The same sweep with each member's own data order: the member of seed 0 trained on its own order already and
-    # is kept; the member of seed 1 did not, and trains again (alone, the only one left), now on seed 1's order.
-    kept = (tmp_path / "g" / "t" / "lora_r2_s0" / "summary.json").stat().st_mtime_ns
+    # is kept; the member of seed 1 did not, and trains again (alone, the only one left), now on seed 1's order:
+    # it is then GRID's run of rank 4 and seed 1.
+    kept = (tmp_path / "g" / "t" / "lora_r1_s0" / "summary.json").stat().st_mtime_ns
     assert sweep(group, tmp_path / "g", "--set", "sweep.fused_batches=own") == 0
-    assert (tmp_path / "g" / "t" / "lora_r2_s0" / "summary.json").stat().st_mtime_ns == kept
-    again = summary(tmp_path / "g", "lora_r4_s1")
+    assert (tmp_path / "g" / "t" / "lora_r1_s0" / "summary.json").stat().st_mtime_ns == kept
+    again, alone = summary(tmp_path / "g", "lora_r4_s1"), summary(seq, "lora_drop0_r4_s1")
     assert again.get("fused_group") is None and again["train_loss"] != second["train_loss"]
+    for k in ("train_loss", "val_loss"):
+        assert again[k] == pytest.approx(alone[k], rel=1e-4), k
 
 
 def test_a_finished_run_counts_only_for_the_data_order_it_trained_on(tmp_path, tiny):

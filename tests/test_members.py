@@ -41,14 +41,19 @@ def adapted(base, rank: int, seed: int, alpha=8.0, dropout=0.0):
                      [lora.LoraRule(pattern=TARGETS, rank=rank, alpha=alpha, dropout=dropout)])
 
 
-def alone(params, seed: int, opt: OptimConfig, steps: int = STEPS, step_fn=None, data_seed=None):
+ALONE_STEPS = {}  # one train step per (optimizer config, steps): the runs alone of one shape share its compilation
+
+
+def alone(params, seed: int, opt: OptimConfig, steps: int = STEPS, data_seed=None):
     """The run trained by itself with the runner's optax chain: train losses, validation loss, params.
 
     ``data_seed``: the seed of its data order (default: ``seed``, as the runner's runs have it).
     """
     tx = build.make_optimizer(opt, steps)
     state = train.init_state(params, tx, jax.random.fold_in(jax.random.key(seed), 2))
-    step_fn = step_fn or train.make_train_step(loss, tx)
+    if (opt, steps) not in ALONE_STEPS:
+        ALONE_STEPS[opt, steps] = train.make_train_step(loss, tx)
+    step_fn = ALONE_STEPS[opt, steps]
     losses = []
     for i in range(steps):
         state, m = step_fn(state, batch_at(seed if data_seed is None else data_seed, i))
@@ -95,12 +100,8 @@ def check_equal_to_runs_alone(base, grid, opt, steps: int = STEPS):
     for _, node in lora.nodes(final.trainable):  # padded positions start at zero and stay there
         for k, (r, _, _) in enumerate(grid):
             assert not np.any(np.asarray(node.lora_a[k, :, r:])) and not np.any(np.asarray(node.lora_b[k, r:]))
-    steps_by_rank = {}
     for k, (r, s, d) in enumerate(grid):
-        tx = build.make_optimizer(opt, steps)
-        if r not in steps_by_rank:  # the runs of one rank share a compiled step (their optimizer is the same)
-            steps_by_rank[r] = train.make_train_step(loss, tx)
-        losses, val, params = alone(trees[k], s, opt, steps=steps, step_fn=steps_by_rank[r])
+        losses, val, params = alone(trees[k], s, opt, steps=steps)
         np.testing.assert_allclose(f_losses[:, k], losses, rtol=1e-4, err_msg=f"train loss of rank {r}, seed {s}")
         mine = members.unstack(final, k, like=trees[k])
         node = lora.nodes(mine)[0][1]

@@ -40,16 +40,16 @@ COMPILED = re.compile(r"Finished XLA compilation of jit\((\w+)\) in ([0-9.eE+-]+
 
 
 def quick_config(folder: Path) -> tuple[Path, list[str]]:
-    """A tiny random model and a config of two ranks, a few steps (the smoke run)."""
+    """A tiny random model (one layer) and a config of two ranks, a few steps, no generations (the smoke run)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_models import write_tiny_chat_gguf
 
-    model = write_tiny_chat_gguf(folder / "tiny.gguf")
+    model = write_tiny_chat_gguf(folder / "tiny.gguf", n_layers=1)
     data = folder / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"add {i} and {i + 1}", "completion": str(2 * i + 1)}) + "\n"
                             for i in range(32)))
     overrides = [f"model.name={model}", "task.name=jsonl", f"task.path={data}", "task.max_len=48",
-                 "task.n_train=16", "task.n_val=4", "task.n_eval_generate=2", "task.max_new_tokens=4",
+                 "task.n_train=16", "task.n_val=4", "task.n_eval_generate=0",
                  "train.steps=3", "train.eval_batches=1", "optim.warmup_steps=1", "sweep.lora.rank=[1, 2]",
                  "sweep.seed=[0]"]
     return CONFIG, overrides
