@@ -25,7 +25,7 @@ import importlib
 import math
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +132,7 @@ class LoraWeight:
     dropout: float = 0.0
     dropout_key: Any = None
     custom_vjp: bool = True
+    extra_children: ClassVar[tuple[str, ...]] = ()  # a subclass's array attributes: children after dropout_key
 
     # -- pytree protocol --------------------------------------------------
     def tree_flatten_with_keys(self):
@@ -141,13 +142,14 @@ class LoraWeight:
             (k("lora_a"), self.lora_a),
             (k("lora_b"), self.lora_b),
             (k("dropout_key"), self.dropout_key),
+            *((k(name), getattr(self, name)) for name in self.extra_children),
         )
         return children, (self.scale, self.in_ndim, self.dropout, self.custom_vjp)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
-        for name, value in zip(("base", "lora_a", "lora_b", "dropout_key"), children):
+        for name, value in zip(("base", "lora_a", "lora_b", "dropout_key", *cls.extra_children), children, strict=True):
             object.__setattr__(obj, name, value)
         for name, value in zip(("scale", "in_ndim", "dropout", "custom_vjp"), aux):
             object.__setattr__(obj, name, value)

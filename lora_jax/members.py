@@ -275,16 +275,7 @@ class _TracedDropout(_lora.LoraWeight):
     """
 
     keep: Any = None
-
-    def tree_flatten_with_keys(self):
-        children, aux = super().tree_flatten_with_keys()
-        return (*children, (jax.tree_util.GetAttrKey("keep"), self.keep)), aux
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = super().tree_unflatten(aux, children[:-1])
-        object.__setattr__(obj, "keep", children[-1])
-        return obj
+    extra_children = ("keep",)
 
     def _adapter_input(self, x):
         if self.dropout_key is None or self.keep is None:

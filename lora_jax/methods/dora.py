@@ -67,16 +67,7 @@ class DoraWeight(_lora.LoraWeight):
     """
 
     lora_magnitude: Any = None
-
-    def tree_flatten_with_keys(self):
-        children, aux = super().tree_flatten_with_keys()
-        return (*children, (jax.tree_util.GetAttrKey("lora_magnitude"), self.lora_magnitude)), aux
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = super().tree_unflatten(aux, children[:-1])
-        object.__setattr__(obj, "lora_magnitude", children[-1])
-        return obj
+    extra_children = ("lora_magnitude",)
 
     def weight_norm(self, dtype=None) -> jax.Array:
         """``||W0 + s * A @ B||`` per output feature (over axis ``-2``), outside the gradient graph."""

@@ -61,6 +61,7 @@ class VeraWeight(_lora.LoraWeight):
 
     vera_lambda_d: Any = None
     vera_lambda_b: Any = None
+    extra_children = ("vera_lambda_d", "vera_lambda_b")
 
     def __post_init__(self):
         d_in, d_out = self.shape[-2], self.shape[-1]  # trailing axes: stacked layers lead
@@ -77,18 +78,11 @@ class VeraWeight(_lora.LoraWeight):
             )
 
     def tree_flatten_with_keys(self):
+        """As :class:`~lora_jax.lora.LoraWeight`'s, the frozen shared slices under the keys ``vera_a``, ``vera_b``."""
+        children, aux = super().tree_flatten_with_keys()
         k = jax.tree_util.GetAttrKey
-        children = ((k("base"), self.base), (k("vera_a"), self.lora_a), (k("vera_b"), self.lora_b),
-                    (k("dropout_key"), self.dropout_key), (k("vera_lambda_d"), self.vera_lambda_d),
-                    (k("vera_lambda_b"), self.vera_lambda_b))
-        return children, (self.scale, self.in_ndim, self.dropout, self.custom_vjp)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = super().tree_unflatten(aux, children[:4])
-        object.__setattr__(obj, "vera_lambda_d", children[4])
-        object.__setattr__(obj, "vera_lambda_b", children[5])
-        return obj
+        renamed = {"lora_a": k("vera_a"), "lora_b": k("vera_b")}
+        return tuple((renamed.get(key.name, key), x) for key, x in children), aux
 
     def delta(self, x_flat: jax.Array) -> jax.Array:
         """``lambda_b * ((lambda_d * (dropout(x) @ A)) @ B)`` for ``x_flat`` of shape ``(..., d_in)``."""
