@@ -66,18 +66,11 @@ def gemma_turns(messages: Sequence[Mapping[str, str]], *, add_generation_prompt:
 class SentencePieceTokenizer(_tokenizer.Tokenizer):
     """A :class:`~lora_jax.models.tokenizer.Tokenizer` over a SentencePiece vocabulary, with Gemma's chat turns."""
 
+    turn_end = TURN_END  # a stop id besides eos_id, for Gemma
+
     @property
     def is_gemma_chat(self) -> bool:
         return self.token_to_id(TURN_START) is not None and self.token_to_id(TURN_END) is not None
-
-    @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """``eos_id`` and, for Gemma, ``<end_of_turn>``."""
-        ids = [self.eos_id] if self.eos_id is not None else []
-        end = self.token_to_id(TURN_END)
-        if end is not None and end not in ids:
-            ids.append(end)
-        return tuple(ids)
 
     def apply_chat_template(self, messages, *, add_generation_prompt: bool = True, use_template: bool = False) -> str:
         """Gemma's turn format (:func:`gemma_turns`) when the vocabulary has its markers, else as the base class."""

@@ -113,6 +113,8 @@ class Tokenizer:
       default_system: the system message the template inserts when a chat has none.
     """
 
+    turn_end = CHATML_END  # the token that ends a chat turn: a stop id where the vocabulary has it
+
     def __init__(
         self,
         backend: tokenizers.Tokenizer,
@@ -146,9 +148,9 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """Ids that end a generated answer: ``eos_id`` and, for ChatML models, ``<|im_end|>``."""
+        """Ids that end a generated answer: ``eos_id`` and :attr:`turn_end` (ChatML's ``<|im_end|>``) if present."""
         ids = [self.eos_id] if self.eos_id is not None else []
-        end = self.token_to_id(CHATML_END)
+        end = self.token_to_id(self.turn_end)
         if end is not None and end not in ids:
             ids.append(end)
         return tuple(ids)
