@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -35,23 +34,24 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def commit(repo: Path) -> tuple[str, bool]:
-    """``(commit, dirty)`` of the git checkout holding ``repo`` (``("unknown", True)`` outside git)."""
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+def commit() -> tuple[str, bool]:
+    """``(commit, dirty)`` of the checkout the code runs from (``("unknown", True)`` outside git).
+
+    The runner's reading (:func:`lora_jax.runner.telemetry.git_commit`, ``<sha>[+dirty]``), split in two.
+    """
+    from lora_jax.runner.telemetry import git_commit
+
+    head = git_commit()
+    if head is None:
         return "unknown", True
-    return head, bool(status.strip())
+    return head.removesuffix("+dirty"), head.endswith("+dirty")
 
 
 def start(out_dir: Path, config: dict) -> dict:
     """Write ``out_dir/run.json`` (commit, dirty, config, config_hash, start time) and return it."""
     import jax
 
-    head, dirty = commit(Path(__file__).resolve().parent)
+    head, dirty = commit()
     info = {"commit": head, "dirty": dirty, "config_hash": config_hash(config), "config": config,
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "jax": jax.__version__,
             "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
